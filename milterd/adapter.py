@@ -1,0 +1,254 @@
+"""The pymilter adapter: libmilter callbacks → session model → hooks → milter replies.
+
+Kept thin on purpose: it builds :class:`~milterd.session.Connection` / :class:`~milterd.session.Message`
+values, calls the :class:`~milterd.app.Dispatcher`, and turns verdicts and header edits into
+libmilter calls.  No policy lives here.
+
+Speed (see shared/notes/postfix.md): negotiation is most of a Python milter's cost, so it asks the
+MTA to skip what it never uses (DATA, body, end-of-headers, unknown commands) and not to wait for
+replies where no plugin can give a verdict (connect, HELO, headers; MAIL/RCPT when no plugin
+has a verdict hook there).  Macros are requested per stage with ``ctx.setsymlist`` directly
+(pymilter's ``@symlist``/``setsymlist`` are broken on Python 3).  TLS macros are requested at MAIL
+FROM, not HELO, so every transaction sees the TLS state it really ran under, even from a client
+that skips the second EHLO after STARTTLS.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import socket
+import time
+from typing import Any
+
+import Milter
+from Milter import (CONTINUE, NOREPLY, REJECT, TEMPFAIL, P_NOBODY, P_NODATA, P_NOEOH,
+                    P_NOUNKNOWN, P_NR_CONN, P_NR_HDR, P_NR_HELO, P_NR_MAIL, P_NR_RCPT)
+
+from milterd.app import App, Dispatcher
+from milterd.session import Connection, Message
+from milterd.tlsfacts import TLS_MACROS, from_macros, merge_policy_facts
+from milterd.verdict import Action, AddHeader, DeleteHeader, HeaderEdit, Verdict
+
+log = logging.getLogger("milterd.session")
+
+# Milter.M_* stage constants for setsymlist.
+_SYMLISTS = {
+    Milter.M_ENVFROM: " ".join(TLS_MACROS + ("i",)),
+    Milter.M_ENVRCPT: "i",
+    Milter.M_EOM: "i",
+}
+_SKIP_STEPS = P_NOBODY | P_NODATA | P_NOEOH | P_NOUNKNOWN
+_ids = itertools.count(1)
+_MAX_HEADERS = 2000          # beyond this, headers are counted but not kept (memory bound)
+_MAX_HEADER_VALUE = 16384    # a longer value is kept truncated for plugins (never for the MTA)
+
+
+def _escape_reply(text: str) -> str:
+    # libmilter treats '%' as a format character and silently drops a reply with a single one.
+    return text.replace("%", "%%")
+
+
+class MilterSession(Milter.Base):
+    """One instance per SMTP connection, created by libmilter's negotiate callback."""
+
+    app: App  # set on the subclass made by :func:`session_class`
+
+    def __init__(self) -> None:
+        self.dispatcher: Dispatcher = self.app.dispatcher  # snapshot: reloads don't change us
+        self.connection = Connection(id=f"c{next(_ids)}")
+        self.message: Message | None = None
+        self._tls_raw: tuple[Any, ...] | None = None
+        self._header_count = 0
+
+    # -- negotiation --------------------------------------------------------------------------
+    def negotiate(self, opts: list[int]) -> int:
+        actions, offered, _f1, _f2 = opts
+        want = _SKIP_STEPS | P_NR_CONN | P_NR_HELO | P_NR_HDR
+        if not self.dispatcher.has_impls("milterd_mail_from"):
+            want |= P_NR_MAIL
+        if not self.dispatcher.has_impls("milterd_rcpt_to"):
+            want |= P_NR_RCPT
+        self._protocol = offered & want
+        self._actions = actions & (Milter.ADDHDRS | Milter.CHGHDRS | Milter.SETSYMLIST)
+        opts[0] = self._actions
+        opts[1] = self._protocol
+        opts[2] = 0
+        opts[3] = 0
+        if self._actions & Milter.SETSYMLIST:
+            for stage, macros in _SYMLISTS.items():
+                self._ctx.setsymlist(stage, macros)
+        return CONTINUE
+
+    def _noreply(self, flag: int) -> int:
+        return NOREPLY if self._protocol & flag else CONTINUE
+
+    # -- callbacks ------------------------------------------------------------------------------
+    def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
+        start = time.perf_counter()
+        c = self.connection
+        c.client_name = hostname
+        if family in (socket.AF_INET, socket.AF_INET6) and isinstance(hostaddr, tuple):
+            c.client_address, c.client_port = hostaddr[0], int(hostaddr[1])
+        self.dispatcher.notify("milterd_connect", connection=c)
+        self._observe("connect", start)
+        return self._noreply(P_NR_CONN)
+
+    def hello(self, heloname: str) -> int:
+        start = time.perf_counter()
+        self.connection.helo = heloname
+        self.dispatcher.notify("milterd_helo", connection=self.connection)
+        self._observe("helo", start)
+        return self._noreply(P_NR_HELO)
+
+    def envfrom(self, mailfrom: str, *params: str) -> int:
+        start = time.perf_counter()
+        try:
+            self._refresh_tls()
+            self.message = Message(sender=mailfrom, queue_id=self.getsymval("i") or None)
+            self._header_count = 0
+            if not self.dispatcher.has_impls("milterd_mail_from"):
+                return self._noreply(P_NR_MAIL)
+            verdict = self.dispatcher.verdict("milterd_mail_from", self.connection, self.message)
+            if verdict.action is not Action.CONTINUE:
+                self.dispatcher.notify("milterd_message_done", connection=self.connection,
+                                       message=self.message, verdict=verdict)
+                self.message = None
+            return self._reply(verdict, P_NR_MAIL)
+        except Exception:
+            return self._internal_error("envfrom")
+        finally:
+            self._observe("mail", start)
+
+    def envrcpt(self, to: str, *params: str) -> int:
+        start = time.perf_counter()
+        try:
+            m = self.message
+            if m is None:  # cannot happen with a well-behaved MTA; never accept blindly
+                return self._internal_error("envrcpt without envfrom")
+            m.recipients.append(to)
+            if m.queue_id is None:
+                m.queue_id = self.getsymval("i") or None
+            self._join_policy_view()
+            if not self.dispatcher.has_impls("milterd_rcpt_to"):
+                return self._noreply(P_NR_RCPT)
+            verdict = self.dispatcher.verdict("milterd_rcpt_to", self.connection, m,
+                                              recipient=to)
+            if verdict.action is not Action.CONTINUE:
+                m.recipients.pop()
+            return self._reply(verdict, P_NR_RCPT)
+        except Exception:
+            return self._internal_error("envrcpt")
+        finally:
+            self._observe("rcpt", start)
+
+    def header(self, name: str, value: str) -> int:
+        m = self.message
+        if m is not None:
+            self._header_count += 1
+            if self._header_count <= _MAX_HEADERS:
+                m.headers.append((name, value[:_MAX_HEADER_VALUE]))
+        return self._noreply(P_NR_HDR)
+
+    def eom(self) -> int:
+        start = time.perf_counter()
+        try:
+            m = self.message
+            if m is None:
+                return self._internal_error("eom without envfrom")
+            m.queue_id = self.getsymval("i") or m.queue_id
+            self._join_policy_view()
+            if self._header_count > _MAX_HEADERS:
+                log.warning("conn=%s queue_id=%s: %d headers, only the first %d given to plugins",
+                            self.connection.id, m.queue_id, self._header_count, _MAX_HEADERS)
+            verdict = self.dispatcher.verdict("milterd_end_of_message", self.connection, m)
+            if verdict.action is Action.CONTINUE:
+                edits = self.dispatcher.header_edits(self.connection, m)
+                if edits is None:
+                    verdict = self.dispatcher.error_verdict
+                    edits = []
+                if verdict.action is Action.CONTINUE:
+                    self._apply(edits, m)
+            self.dispatcher.notify("milterd_message_done", connection=self.connection,
+                                   message=m, verdict=verdict)
+            self.message = None
+            if verdict.action is Action.CONTINUE:
+                return CONTINUE
+            return self._reply(verdict, 0)
+        except Exception:
+            return self._internal_error("eom")
+        finally:
+            self._observe("eom", start)
+
+    def abort(self) -> int:
+        self.message = None
+        return CONTINUE
+
+    def close(self) -> int:
+        try:
+            c = self.connection
+            self.app.metrics.tls_sessions.labels(
+                version=c.tls.version or "none", verify=c.tls.verify.value).inc()
+            self.dispatcher.notify("milterd_close", connection=c)
+            self.app.policy_views.forget(c.client_address, c.client_port)
+        except Exception:
+            log.exception("conn=%s: error while closing", self.connection.id)
+        return CONTINUE
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _refresh_tls(self) -> None:
+        raw = tuple(self.getsymval(name) for name in TLS_MACROS)
+        if raw == self._tls_raw:
+            return  # same TLS state as the previous transaction on this connection
+        self._tls_raw = raw
+        facts, warnings = from_macros(dict(zip(TLS_MACROS, raw)))
+        for w in warnings:
+            log.warning("conn=%s client=%s: %s", self.connection.id,
+                        self.connection.client_address, w)
+        self.connection.tls = facts
+        self.connection.mta = facts.dialect if facts.dialect != "none" else self.connection.mta
+
+    def _join_policy_view(self) -> None:
+        c = self.connection
+        if c.tls.dialect != "postfix":
+            return
+        view = self.app.policy_views.get(c.client_address, c.client_port)
+        if view is not None:
+            c.tls = merge_policy_facts(c.tls, view.fingerprint)
+
+    def _reply(self, verdict: Verdict, nr_flag: int) -> int:
+        if verdict.action is Action.CONTINUE:
+            return self._noreply(nr_flag) if nr_flag else CONTINUE
+        if verdict.code:
+            self._ctx.setreply(verdict.code, verdict.xcode or None,
+                               _escape_reply(verdict.text or "Refused by policy"))
+        return REJECT if verdict.action is Action.REJECT else TEMPFAIL
+
+    def _apply(self, edits: list[HeaderEdit], m: Message) -> None:
+        deletes = sorted((e for e in edits if isinstance(e, DeleteHeader)),
+                         key=lambda e: e.occurrence, reverse=True)
+        for d in deletes:  # highest index first: earlier deletions cannot shift later ones
+            self._ctx.chgheader(d.name, d.occurrence, None)
+        for a in edits:
+            if isinstance(a, AddHeader):
+                self._ctx.addheader(a.name, a.value, a.index)
+
+    def _internal_error(self, where: str) -> int:
+        # A bug in milterd itself: fail closed (tempfail), never accept what policy covers.
+        qid = self.message.queue_id if self.message else None
+        log.exception("conn=%s queue_id=%s: internal error in %s; tempfailing",
+                      self.connection.id, qid or "-", where)
+        self.app.metrics.plugin_errors.labels(plugin="milterd", hook=where.split()[0]).inc()
+        try:
+            self._ctx.setreply("451", "4.3.0", "Temporary local problem, try again later")
+        except Exception:
+            pass
+        return TEMPFAIL
+
+    def _observe(self, stage: str, start: float) -> None:
+        self.app.metrics.observe_callback(stage, time.perf_counter() - start)
+
+
+def session_class(app: App) -> type[MilterSession]:
+    """A MilterSession subclass bound to ``app`` (pymilter's factory takes no arguments)."""
+    return type("BoundMilterSession", (MilterSession,), {"app": app})

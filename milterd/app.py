@@ -1,0 +1,160 @@
+"""The running daemon's shared objects, and the one place where hooks are called.
+
+:class:`App` lives as long as the process (metrics, the policy-delegation store).  A
+:class:`Dispatcher` is built per configuration: a reload builds a new one and swaps it in; each
+SMTP connection keeps the dispatcher it started with, so a reload never changes policy in the
+middle of a session.
+
+:meth:`Dispatcher.verdict` is the error boundary of the style guide: a plugin that raises or
+overruns ``plugin_timeout`` becomes the configured ``on_error`` verdict, a log line with the queue
+ID and a counter — never a crash and never exception text in an SMTP reply.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+import pluggy
+
+from milterd.config import Config
+from milterd.metrics import Metrics
+from milterd.policy_views import PolicyViews
+from milterd.session import Connection, Message, Stash
+from milterd.verdict import CONTINUE, Action, HeaderEdit, Verdict, compose
+
+log = logging.getLogger("milterd")
+
+PLUGIN_ERROR = "plugin_error"
+
+# Hooks whose implementations give verdicts: when a stage has none, the adapter tells the MTA
+# not to wait for a reply at that stage.
+VERDICT_HOOKS = ("milterd_mail_from", "milterd_rcpt_to", "milterd_end_of_message")
+
+
+class App:
+    """Process-wide state handed to every hook as ``app``."""
+
+    def __init__(self, config: Config, *, metrics: Metrics | None = None):
+        self.metrics = metrics or Metrics()
+        self.policy_views = PolicyViews()
+        self.stash = Stash()
+        self.dispatcher: Dispatcher | None = None
+        self.config = config
+
+
+class _Impl:
+    __slots__ = ("plugin", "function", "argnames")
+
+    def __init__(self, plugin: str, function: Callable[..., Any], argnames: tuple[str, ...]):
+        self.plugin = plugin
+        self.function = function
+        self.argnames = argnames
+
+
+class Dispatcher:
+    """Calls the hooks of one plugin manager for one configuration."""
+
+    def __init__(self, app: App, config: Config, pm: pluggy.PluginManager):
+        self.app = app
+        self.config = config
+        self.pm = pm
+        self._impls: dict[str, list[_Impl]] = {}
+        for name in dir(pm.hook):
+            if not name.startswith("milterd_"):
+                continue
+            caller = getattr(pm.hook, name)
+            # pluggy calls the last-registered (and tryfirst) implementations first.
+            self._impls[name] = [
+                _Impl(pm.get_name(i.plugin) or repr(i.plugin), i.function, tuple(i.argnames))
+                for i in reversed(caller.get_hookimpls())
+            ]
+        self.timeout = config.milter.plugin_timeout
+        if config.milter.on_error == "tempfail":
+            self.error_verdict = Verdict(Action.TEMPFAIL, "451", "4.3.0",
+                                         "Temporary local policy failure, try again later",
+                                         PLUGIN_ERROR)
+        else:
+            self.error_verdict = Verdict(Action.CONTINUE, reason=PLUGIN_ERROR)
+        self.plugin_names = sorted({i.plugin for impls in self._impls.values() for i in impls})
+
+    def has_impls(self, hook: str) -> bool:
+        return bool(self._impls.get(hook))
+
+    def configure(self) -> None:
+        """Run ``milterd_configure``; unlike the SMTP hooks, an error here propagates (the
+        configuration is refused)."""
+        for impl in self._impls.get("milterd_configure", ()):
+            kwargs = {"app": self.app, "config": self.config}
+            impl.function(*[kwargs[a] for a in impl.argnames])
+
+    def _call(self, hook: str, kwargs: dict[str, Any], queue_id: str | None) -> list[tuple[_Impl, Any]]:
+        results = []
+        for impl in self._impls.get(hook, ()):
+            start = time.monotonic()
+            try:
+                result = impl.function(*[kwargs[a] for a in impl.argnames])
+            except Exception:
+                log.exception("plugin %s failed in %s (queue_id=%s); on_error=%s", impl.plugin,
+                              hook, queue_id or "-", self.config.milter.on_error)
+                self.app.metrics.plugin_errors.labels(plugin=impl.plugin, hook=hook).inc()
+                results.append((impl, self.error_verdict))
+                continue
+            elapsed = time.monotonic() - start
+            if elapsed > self.timeout:
+                # A hook cannot be interrupted safely inside libmilter's thread; treat the overrun
+                # as an error so a slow dependency cannot turn into silent acceptance.
+                log.error("plugin %s overran plugin_timeout in %s: %.3fs (queue_id=%s); "
+                          "on_error=%s", impl.plugin, hook, elapsed, queue_id or "-",
+                          self.config.milter.on_error)
+                self.app.metrics.plugin_errors.labels(plugin=impl.plugin, hook=hook).inc()
+                results.append((impl, self.error_verdict))
+                continue
+            if result is not None:
+                results.append((impl, result))
+        return results
+
+    def notify(self, hook: str, **kwargs: Any) -> None:
+        """Observation hooks: results are ignored, errors logged and counted."""
+        message = kwargs.get("message")
+        self._call(hook, {"app": self.app, **kwargs},
+                   message.queue_id if message is not None else None)
+
+    def verdict(self, hook: str, connection: Connection, message: Message,
+                **extra: Any) -> Verdict:
+        kwargs = {"app": self.app, "connection": connection, "message": message, **extra}
+        verdicts = []
+        for impl, result in self._call(hook, kwargs, message.queue_id):
+            if not isinstance(result, Verdict):
+                log.error("plugin %s returned %r from %s, not a Verdict (queue_id=%s)",
+                          impl.plugin, type(result).__name__, hook, message.queue_id or "-")
+                self.app.metrics.plugin_errors.labels(plugin=impl.plugin, hook=hook).inc()
+                result = self.error_verdict
+            if result.action is not Action.CONTINUE and not result.plugin:
+                result = Verdict(result.action, result.code, result.xcode, result.text,
+                                 result.reason, impl.plugin)
+            verdicts.append(result)
+        return compose(verdicts) if verdicts else CONTINUE
+
+    def header_edits(self, connection: Connection, message: Message) -> list[HeaderEdit] | None:
+        """All plugins' edits, or None when a plugin failed (the caller applies on_error)."""
+        kwargs = {"app": self.app, "connection": connection, "message": message}
+        edits: list[HeaderEdit] = []
+        for impl, result in self._call("milterd_header_edits", kwargs, message.queue_id):
+            if isinstance(result, Verdict):  # the error verdict of a failed plugin
+                return None
+            edits.extend(result)
+        return edits
+
+
+def build_dispatcher(app: App, config: Config, *, load_entrypoints: bool = True,
+                     extra_plugins: tuple[tuple[str, object], ...] = ()) -> Dispatcher:
+    """Load plugins for ``config`` and run their configure hooks; raises on any failure."""
+    from milterd.plugins import make_plugin_manager
+
+    pm = make_plugin_manager(config, load_entrypoints=load_entrypoints,
+                             extra_plugins=extra_plugins)
+    dispatcher = Dispatcher(app, config, pm)
+    dispatcher.configure()
+    return dispatcher

@@ -1,0 +1,90 @@
+"""``milterd`` command line: run, check-config, default-config, cert …, tlsrpt, demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="milterd", description=(
+        "Plugin-based milter and policy daemon: Domain Security for Postfix and Sendmail."))
+    from milterd import __version__
+
+    parser.add_argument("--version", action="version", version=f"milterd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("run", help="run the daemon in the foreground")
+    p.add_argument("-c", "--config", help="TOML config file (default: the embedded default)")
+    p.add_argument("--log-format", choices=("text", "json"), default=None,
+                   help="override [log] format")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("check-config", help="validate a config file (exit 2 listing every error)")
+    p.add_argument("-c", "--config", required=True)
+    p.set_defaults(func=_cmd_check_config)
+
+    p = sub.add_parser("default-config", help="print the embedded default config")
+    p.set_defaults(func=_cmd_default_config)
+
+    p = sub.add_parser("demo", help="live demo: Domain Security end to end on loopback")
+    p.add_argument("--keep", action="store_true", help="keep the demo's work directory")
+    p.set_defaults(func=_cmd_demo)
+
+    for module in ("milterd.certtool", "milterd.tlsrpt"):
+        try:
+            mod = __import__(module, fromlist=["register"])
+        except ImportError:
+            continue
+        register = getattr(mod, "register", None)
+        if register is not None:
+            register(sub)
+    return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from milterd.daemon import run
+
+    return run(args.config, log_format=args.log_format)
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    from milterd.app import App, build_dispatcher
+    from milterd.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        for e in exc.errors:
+            print(e, file=sys.stderr)
+        return 2
+    try:
+        build_dispatcher(App(config), config)
+    except Exception as exc:
+        print(f"{args.config}: plugins: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.config}: OK")
+    return 0
+
+
+def _cmd_default_config(args: argparse.Namespace) -> int:
+    from milterd.config import default_config_text
+
+    sys.stdout.write(default_config_text())
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from milterd.demo import main as demo_main
+
+    return demo_main(keep=args.keep)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,360 @@
+"""Typed configuration: TOML into frozen dataclasses, validated once, every error naming its key.
+
+The whole tree is built by :func:`load_config` / :func:`parse_config` and passed explicitly to
+whatever needs it; nothing reads configuration from module globals.  Validation collects *every*
+problem before failing (``milterd check-config`` prints them all), because an admin fixing a
+config one error per restart is an admin who stops trusting the tool.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+TLS_VERSIONS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
+
+
+class ConfigError(Exception):
+    """Raised with every problem found; ``errors`` holds one ``"key: message"`` line each."""
+
+    def __init__(self, errors: list[str]):
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    """A ``host:port`` TCP listen address (IPv6 as ``[::1]:port``)."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class MilterConfig:
+    listen: str = "unix:/run/milterd/milter.sock"
+    group: str = "postfix"
+    on_error: str = "tempfail"
+    timeout: int = 30
+    plugin_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    format: str = "text"
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class DomainSecurityConfig:
+    mode: str = "enforce"
+    failure_action: str = "reject"
+    receive_domains: tuple[str, ...] = ()
+    send_domains: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    min_version: str = "TLSv1.2"
+    min_cipher_bits: int = 128
+
+
+@dataclass(frozen=True)
+class PeerCertConfig:
+    trusted_issuers: tuple[str, ...] = ()
+    # domain -> SHA-256 fingerprints, normalised to upper-case hex with colons
+    pins: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def pins_for(self, domain: str) -> tuple[str, ...]:
+        for pinned_domain, fingerprints in self.pins:
+            if pinned_domain == domain:
+                return fingerprints
+        return ()
+
+
+@dataclass(frozen=True)
+class StampConfig:
+    header: str = "X-Milterd-TLS"
+
+
+@dataclass(frozen=True)
+class PluginsConfig:
+    disable: tuple[str, ...] = ()   # entry-point names not to load
+    modules: tuple[str, ...] = ()   # extra plugin modules by dotted name (local, unpackaged)
+
+
+@dataclass(frozen=True)
+class OutboundConfig:
+    """Where milterd learns outbound TLS outcomes (Postfix's ``maillog_file``)."""
+
+    maillog: str | None = None
+    state_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    milter: MilterConfig = field(default_factory=MilterConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    policy_listen: ListenAddress | None = None
+    socketmap_listen: ListenAddress | None = None
+    metrics_listen: ListenAddress | None = None
+    domain_security: DomainSecurityConfig = field(default_factory=DomainSecurityConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    peer_cert: PeerCertConfig = field(default_factory=PeerCertConfig)
+    stamp: StampConfig = field(default_factory=StampConfig)
+    plugins: PluginsConfig = field(default_factory=PluginsConfig)
+    outbound: OutboundConfig = field(default_factory=OutboundConfig)
+    source: str = "<default>"
+
+
+def default_config_text() -> str:
+    return resources.files("milterd").joinpath("default.toml").read_text(encoding="utf-8")
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Read and validate a TOML file; ``None`` means the embedded default."""
+    if path is None:
+        return parse_config(default_config_text(), source="<default>")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: not UTF-8 text"]) from None
+    return parse_config(text, source=str(path))
+
+
+def parse_config(text: str, *, source: str = "<string>") -> Config:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{source}: TOML syntax error: {exc}"]) from None
+    v = _Validator(raw)
+    config = Config(
+        milter=MilterConfig(
+            listen=v.get("milter.listen", str, MilterConfig.listen, check=_check_milter_socket),
+            group=v.get("milter.group", str, MilterConfig.group),
+            on_error=v.choice("milter.on_error", ("tempfail", "accept"), MilterConfig.on_error),
+            timeout=v.get("milter.timeout", int, MilterConfig.timeout, check=_positive),
+            plugin_timeout=float(
+                v.get("milter.plugin_timeout", (int, float), MilterConfig.plugin_timeout,
+                      check=_positive)
+            ),
+        ),
+        log=LogConfig(
+            format=v.choice("log.format", ("text", "json"), LogConfig.format),
+            level=v.choice("log.level", ("debug", "info", "warning", "error"), LogConfig.level),
+        ),
+        policy_listen=v.listen("policy.listen"),
+        socketmap_listen=v.listen("socketmap.listen"),
+        metrics_listen=v.listen("metrics.listen"),
+        domain_security=DomainSecurityConfig(
+            mode=v.choice("domain_security.mode", ("enforce", "report"), "enforce"),
+            failure_action=v.choice(
+                "domain_security.failure_action", ("reject", "tempfail"), "reject"
+            ),
+            receive_domains=v.domain_list("domain_security.receive_domains"),
+            send_domains=v.domain_list("domain_security.send_domains"),
+        ),
+        tls=TlsConfig(
+            min_version=v.choice("tls.min_version", TLS_VERSIONS, TlsConfig.min_version),
+            min_cipher_bits=v.get("tls.min_cipher_bits", int, TlsConfig.min_cipher_bits,
+                                  check=_non_negative),
+        ),
+        peer_cert=PeerCertConfig(
+            trusted_issuers=tuple(v.get("peer_cert.trusted_issuers", list, [],
+                                        check=_list_of_str)),
+            pins=v.pins("peer_cert.pins"),
+        ),
+        stamp=StampConfig(
+            header=v.get("stamp.header", str, StampConfig.header, check=_header_name),
+        ),
+        plugins=PluginsConfig(
+            disable=tuple(v.get("plugins.disable", list, [], check=_list_of_str)),
+            modules=tuple(v.get("plugins.modules", list, [], check=_list_of_str)),
+        ),
+        outbound=OutboundConfig(
+            maillog=v.get("outbound.maillog", str, None),
+            state_dir=v.get("outbound.state_dir", str, None),
+        ),
+        source=source,
+    )
+    v.reject_unknown()
+    if v.errors:
+        raise ConfigError([f"{source}: {e}" for e in v.errors])
+    return config
+
+
+# -- validation helpers -------------------------------------------------------------------------
+
+_KNOWN_KEYS = {
+    "milter": {"listen", "group", "on_error", "timeout", "plugin_timeout"},
+    "log": {"format", "level"},
+    "policy": {"listen"},
+    "socketmap": {"listen"},
+    "metrics": {"listen"},
+    "domain_security": {"mode", "failure_action", "receive_domains", "send_domains"},
+    "tls": {"min_version", "min_cipher_bits"},
+    "peer_cert": {"trusted_issuers", "pins"},
+    "stamp": {"header"},
+    "plugins": {"disable", "modules"},
+    "outbound": {"maillog", "state_dir"},
+}
+
+
+def _positive(value: Any) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _non_negative(value: Any) -> str | None:
+    return None if value >= 0 else "must not be negative"
+
+
+def _list_of_str(value: list) -> str | None:
+    bad = [x for x in value if not isinstance(x, str)]
+    return f"must be a list of strings (found {bad[0]!r})" if bad else None
+
+
+_HEADER_NAME = re.compile(r"^[!-9;-~]+$")  # RFC 5322 ftext: printable ASCII except ':'
+
+
+def _header_name(value: str) -> str | None:
+    return None if _HEADER_NAME.match(value) else "is not a valid header field name"
+
+
+def _check_milter_socket(value: str) -> str | None:
+    if value.startswith(("unix:", "local:")):
+        path = value.split(":", 1)[1]
+        if not path.startswith("/"):
+            return "unix socket path must be absolute"
+        if len(path.encode()) > 100:
+            return "unix socket path is too long (max 100 bytes)"
+        return None
+    m = re.fullmatch(r"inet6?:(\d+)(@.+)?", value)
+    if m and 0 < int(m.group(1)) < 65536:
+        return None
+    return 'must be "unix:/path" or "inet:PORT@HOST"'
+
+
+class _Validator:
+    def __init__(self, raw: dict):
+        self.raw = raw
+        self.errors: list[str] = []
+
+    def _lookup(self, key: str) -> tuple[bool, Any]:
+        node: Any = self.raw
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return False, None
+            node = node[part]
+        return True, node
+
+    def get(self, key: str, types: type | tuple[type, ...], default: Any,
+            check: Callable[[Any], str | None] | None = None) -> Any:
+        present, value = self._lookup(key)
+        if not present:
+            return default
+        type_ok = isinstance(value, types) and not (
+            isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,))
+        )
+        if not type_ok:
+            names = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+            self.errors.append(f"{key}: expected {names}, got {type(value).__name__} {value!r}")
+            return default
+        if check is not None:
+            problem = check(value)
+            if problem:
+                self.errors.append(f"{key}: {problem} (got {value!r})")
+                return default
+        return value
+
+    def choice(self, key: str, allowed: tuple[str, ...], default: str) -> str:
+        value = self.get(key, str, default)
+        if value not in allowed:
+            self.errors.append(f"{key}: must be one of {', '.join(allowed)} (got {value!r})")
+            return default
+        return value
+
+    def listen(self, key: str) -> ListenAddress | None:
+        value = self.get(key, str, None)
+        if value is None:
+            return None
+        m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", value)
+        if not m:
+            self.errors.append(f'{key}: must be "HOST:PORT" or "[IPv6]:PORT" (got {value!r})')
+            return None
+        host = m.group(1) or m.group(3)
+        port = int(m.group(2) or m.group(4))
+        if not 0 <= port < 65536:
+            self.errors.append(f"{key}: port out of range (got {port})")
+            return None
+        return ListenAddress(host, port)
+
+    def domain_list(self, key: str) -> tuple[str, ...]:
+        from milterd.names import normalize_dns_name
+
+        values = self.get(key, list, [], check=_list_of_str)
+        out = []
+        for entry in values:
+            dotted = entry.startswith(".")
+            name = normalize_dns_name(entry[1:] if dotted else entry)
+            if name is None or "*" in entry:
+                self.errors.append(f"{key}: {entry!r} is not a domain name "
+                                   '(use "example.com" or ".example.com" for its subdomains)')
+                continue
+            out.append("." + name if dotted else name)
+        return tuple(out)
+
+    def pins(self, key: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        from milterd.names import normalize_dns_name
+
+        table = self.get(key, dict, {})
+        out = []
+        for domain, fps in table.items():
+            name = normalize_dns_name(domain)
+            if name is None:
+                self.errors.append(f"{key}.{domain}: not a domain name")
+                continue
+            if isinstance(fps, str):
+                fps = [fps]
+            if not isinstance(fps, list):
+                self.errors.append(f"{key}.{domain}: expected a list of SHA-256 fingerprints")
+                continue
+            normalised = []
+            for fp in fps:
+                n = normalize_fingerprint(fp) if isinstance(fp, str) else None
+                if n is None:
+                    self.errors.append(
+                        f"{key}.{domain}: {fp!r} is not a SHA-256 fingerprint "
+                        "(64 hex digits, colons optional)")
+                else:
+                    normalised.append(n)
+            out.append((name, tuple(normalised)))
+        return tuple(out)
+
+    def reject_unknown(self) -> None:
+        for section, body in self.raw.items():
+            if section not in _KNOWN_KEYS:
+                self.errors.append(f"{section}: unknown section")
+                continue
+            if not isinstance(body, dict):
+                self.errors.append(f"{section}: must be a table")
+                continue
+            for key in body:
+                if key not in _KNOWN_KEYS[section]:
+                    self.errors.append(f"{section}.{key}: unknown key")
+
+
+def normalize_fingerprint(value: str) -> str | None:
+    """``ab:cd…``/``ABCD…`` → ``AB:CD:…`` (the form Postfix and Sendmail print); None if not SHA-256."""
+    digits = value.replace(":", "").strip().upper()
+    if not re.fullmatch(r"[0-9A-F]{64}", digits):
+        return None
+    return ":".join(digits[i:i + 2] for i in range(0, 64, 2))

@@ -1,0 +1,253 @@
+"""Running the daemon: sockets, side servers, signals and reload.
+
+pymilter's ``runmilter`` is not used as is, because the unix socket must get mode 0660 and the
+MTA's group between libmilter creating it and serving on it.  Signals (notes gotcha 8): libmilter
+owns the signal mask inside ``milter.main()``, so SIGHUP is blocked before any thread starts and
+a dedicated thread waits for it with ``sigwait``; SIGTERM/SIGINT are left to libmilter, which
+stops gracefully (finishing open sessions).
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import Milter
+import milter
+
+from milterd.adapter import session_class
+from milterd.app import App, Dispatcher, build_dispatcher
+from milterd.config import Config, ConfigError, load_config
+from milterd.metrics import MetricsServer
+from milterd.policy_server import PolicyServer
+
+log = logging.getLogger("milterd")
+
+MILTER_NAME = "milterd"
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            entry.update(fields)
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def setup_logging(config: Config, log_format: str | None = None) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if (log_format or config.log.format) == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(config.log.level.upper())
+
+
+class Daemon:
+    def __init__(self, config_path: str | None, config: Config, *,
+                 extra_plugins: tuple[tuple[str, object], ...] = ()):
+        self.config_path = config_path
+        self.config = config
+        self.extra_plugins = extra_plugins
+        self.app = App(config)
+        self.app.dispatcher = self._build(config)
+        self._servers: list[Any] = []
+        self._reload_lock = threading.Lock()
+
+    def _build(self, config: Config) -> Dispatcher:
+        dispatcher = build_dispatcher(self.app, config, extra_plugins=self.extra_plugins)
+        self.app.metrics.prime_domains(config.domain_security.receive_domains,
+                                       config.domain_security.send_domains)
+        self._refresh_cert_gauge(config)
+        return dispatcher
+
+    def _refresh_cert_gauge(self, config: Config) -> None:
+        paths = _configured_cert_paths(config)
+        if not paths:
+            return
+        try:
+            from milterd.certtool import certificate_expiry
+        except ImportError:  # pragma: no cover - certtool ships with milterd
+            return
+        gauge = self.app.metrics.certificate_expiry
+        gauge.clear()
+        for path, subject, not_after in certificate_expiry(paths):
+            gauge.labels(path=path, subject=subject).set(not_after)
+
+    # -- reload ---------------------------------------------------------------------------------
+    def reload(self) -> bool:
+        """Load the config file again; keep the old one on any error.  Returns success."""
+        with self._reload_lock:
+            try:
+                new_config = load_config(self.config_path)
+                dispatcher = self._build(new_config)
+            except ConfigError as exc:
+                log.error("reload refused, keeping the running configuration: %s",
+                          "; ".join(exc.errors))
+                self.app.metrics.config_reloads.labels(result="refused").inc()
+                return False
+            except Exception as exc:
+                log.error("reload refused, keeping the running configuration: %s", exc)
+                self.app.metrics.config_reloads.labels(result="refused").inc()
+                return False
+            for key in ("milter", "policy_listen", "metrics_listen", "socketmap_listen"):
+                old, new = getattr(self.config, key), getattr(new_config, key)
+                if key == "milter":
+                    old, new = (old.listen, old.group), (new.listen, new.group)
+                if old != new:
+                    log.warning("reload: %s changed; it takes effect at the next restart", key)
+            self.config = new_config
+            self.app.config = new_config
+            self.app.dispatcher = dispatcher  # atomic swap; open sessions keep their own
+            self.app.metrics.config_reloads.labels(result="ok").inc()
+            log.info("configuration reloaded from %s (plugins: %s)", self.config_path or
+                     "<default>", ", ".join(dispatcher.plugin_names))
+            return True
+
+    def _sighup_loop(self) -> None:
+        while True:
+            signal.sigwait({signal.SIGHUP})
+            log.info("SIGHUP received: reloading")
+            self.reload()
+
+    # -- run ------------------------------------------------------------------------------------
+    def start_side_servers(self) -> None:
+        c = self.config
+        if c.metrics_listen:
+            s = MetricsServer(self.app.metrics, c.metrics_listen.host, c.metrics_listen.port)
+            s.start()
+            self._servers.append(s)
+            log.info("metrics on http://%s/metrics", c.metrics_listen)
+        if c.policy_listen:
+            p = PolicyServer(self.app.policy_views, c.policy_listen.host, c.policy_listen.port)
+            p.start()
+            self._servers.append(p)
+            log.info("policy delegation on %s", c.policy_listen)
+        if c.socketmap_listen:
+            self._start_socketmap(c)
+        if c.outbound.maillog:
+            self._start_maillog(c)
+
+    def _start_socketmap(self, c: Config) -> None:
+        from milterd.outbound import start_socketmap
+
+        self._servers.append(start_socketmap(self.app, c))
+        log.info("TLS policy socketmap on %s", c.socketmap_listen)
+
+    def _start_maillog(self, c: Config) -> None:
+        from milterd.outbound import start_maillog_follower
+
+        self._servers.append(start_maillog_follower(self.app, c))
+        log.info("following %s for outbound TLS results", c.outbound.maillog)
+
+    def run(self) -> int:
+        c = self.config
+        # Block SIGHUP in every thread we start from here on; one thread waits for it.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        threading.Thread(target=self._sighup_loop, name="sighup", daemon=True).start()
+        self.start_side_servers()
+        Milter.factory = session_class(self.app)
+        milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS | Milter.SETSYMLIST)
+        _set_callbacks()
+        milter.setconn(c.milter.listen)
+        milter.settimeout(c.milter.timeout)
+        milter.setbacklog(128)
+        milter.register(MILTER_NAME, negotiate=Milter.negotiate_callback)
+        socket_path = _unix_path(c.milter.listen)
+        if socket_path:
+            Path(socket_path).parent.mkdir(parents=True, exist_ok=True)
+        old_umask = os.umask(0o117)  # socket created 0660
+        try:
+            milter.opensocket(True)
+        finally:
+            os.umask(old_umask)
+        if socket_path and c.milter.group:
+            try:
+                os.chown(socket_path, -1, grp.getgrnam(c.milter.group).gr_gid)
+            except KeyError:
+                log.error("[milter] group %r does not exist; the MTA may not reach the socket",
+                          c.milter.group)
+            except PermissionError:
+                log.error("cannot give the socket to group %r (not root?)", c.milter.group)
+        log.info("milterd %s serving %s (plugins: %s)", _version(), c.milter.listen,
+                 ", ".join(self.app.dispatcher.plugin_names))
+        try:
+            milter.main()
+        finally:
+            for s in self._servers:
+                try:
+                    s.stop()
+                except Exception:
+                    log.exception("while stopping %r", s)
+            log.info("milterd stopped")
+        return 0
+
+
+def _set_callbacks() -> None:
+    # As Milter.runmilter does, minus opensocket/main which we run ourselves.
+    milter.set_connect_callback(Milter.connect_callback)
+    milter.set_helo_callback(lambda ctx, host: ctx.getpriv().hello(host))
+    milter.set_envfrom_callback(lambda ctx, *b: ctx.getpriv().envfrom_bytes(*b))
+    milter.set_envrcpt_callback(lambda ctx, *b: ctx.getpriv().envrcpt_bytes(*b))
+    milter.set_header_callback(lambda ctx, f, v: ctx.getpriv().header_bytes(f, v))
+    milter.set_eoh_callback(lambda ctx: ctx.getpriv().eoh())
+    milter.set_body_callback(lambda ctx, chunk: ctx.getpriv().body(chunk))
+    milter.set_eom_callback(lambda ctx: ctx.getpriv().eom())
+    milter.set_abort_callback(lambda ctx: ctx.getpriv().abort())
+    milter.set_close_callback(Milter.close_callback)
+
+
+def _unix_path(spec: str) -> str | None:
+    if spec.startswith(("unix:", "local:")):
+        return spec.split(":", 1)[1]
+    return None
+
+
+def _configured_cert_paths(config: Config) -> list[str]:
+    # Certificates the config names (none in the core config yet; reserved for [tls] files).
+    return []
+
+
+def _version() -> str:
+    from milterd import __version__
+
+    return __version__
+
+
+def run(config_path: str | None, *, log_format: str | None = None) -> int:
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        for e in exc.errors:
+            print(f"milterd: {e}", file=sys.stderr)
+        return 2
+    setup_logging(config, log_format)
+    try:
+        daemon = Daemon(config_path, config)
+    except Exception as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+    started = time.monotonic()
+    try:
+        return daemon.run()
+    except milter.error as exc:
+        log.error("milter error after %.1fs: %s", time.monotonic() - started, exc)
+        return 1

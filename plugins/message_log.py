@@ -1,0 +1,45 @@
+"""Built-in plugin: one structured log line per message (the milter's verbose protocol log).
+
+With ``--log-format json`` the fields are JSON keys; in text mode they are ``key=value`` pairs.
+Peer-supplied values are repr-quoted in text mode so they cannot forge log lines.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from milterd import domain_security as ds
+from milterd.hookspecs import hookimpl
+
+log = logging.getLogger("milterd.message")
+
+
+@hookimpl(trylast=True)
+def milterd_message_done(connection, message, verdict):
+    tls = connection.tls
+    result = message.stash.get(ds.RESULT_KEY) or ds.NOT_COVERED
+    fields = {
+        "queue_id": message.queue_id,
+        "conn": connection.id,
+        "client": connection.client_address,
+        "client_port": connection.client_port,
+        "helo": connection.helo,
+        "sender": message.sender,
+        "recipients": len(message.recipients),
+        "tls": tls.version or "none",
+        "cipher": tls.cipher,
+        "bits": tls.bits,
+        "verify": tls.verify.value,
+        "subject": tls.subject_dn or tls.subject_cn,
+        "issuer": tls.issuer,
+        "fingerprint": tls.fingerprint_sha256,
+        "verdict": verdict.metric_name,
+        "reply": f"{verdict.code} {verdict.reply_text()}".strip() if verdict.code else None,
+        "plugin": verdict.plugin or None,
+        "domain_secure": result.status,
+        "domain": result.domain,
+        "reason": result.reason or (verdict.reason or None),
+    }
+    text = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}"
+                    for k, v in fields.items() if v is not None)
+    log.info("message %s", text, extra={"fields": fields})

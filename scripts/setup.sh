@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Idempotent set-up of everything milterd and its tests need on a fresh Debian machine:
+# Debian's postfix (never started by the package), libmilter-dev (for pymilter), swaks, openssl,
+# and a virtualenv at .venv with milterd installed in editable mode plus the test extras.
+# Safe to run again: each step checks before it acts.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+cd "$here"
+
+need_pkgs=(postfix libmilter-dev swaks openssl gcc libc6-dev m4 iproute2 procps)
+missing=()
+for p in "${need_pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  # "No configuration": the package writes no main.cf and starts nothing; tests run private instances.
+  echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+py=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$py" -m venv .venv
+fi
+stamp=.venv/.milterd-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e ".[test]"
+  touch "$stamp"
+fi
