@@ -1,7 +1,7 @@
 """The trace header's grammar, as a pure function (interface.md "Trace header").
 
 ``tls=TLSv1.3; cipher=…; bits=256; verify=ok; subject="…"; issuer="…"; domain-secure=pass;
-domain=woodgrovebank.test``
+domain=woodgrovebank.test`` (plus ``reason=…`` when domain-secure=fail, e.g. in report mode)
 
 Values that come from the peer (certificate names) are attacker-chosen: a CN can hold quotes,
 semicolons, CR/LF or non-ASCII.  Every such value is written as a quoted-string in which only
@@ -40,7 +40,8 @@ def _token_or_quoted(value: str) -> str:
     return value if _TOKEN.match(value) else quote(value)
 
 
-def stamp_value(tls: TlsFacts, ds_status: str, ds_domain: str | None) -> str:
+def stamp_value(tls: TlsFacts, ds_status: str, ds_domain: str | None,
+                ds_reason: str | None = None) -> str:
     verify = {CertVerify.OK: "ok", CertVerify.FAIL: "fail"}.get(tls.verify, "none")
     parts = [f"tls={_token_or_quoted(tls.version) if tls.version else 'none'}"]
     if tls.encrypted:
@@ -57,6 +58,8 @@ def stamp_value(tls: TlsFacts, ds_status: str, ds_domain: str | None) -> str:
     parts.append(f"domain-secure={ds_status}")
     if ds_domain:
         parts.append(f"domain={ds_domain}")
+    if ds_reason:  # report mode delivers failures: say why (a closed set, see milterd.reasons)
+        parts.append(f"reason={ds_reason}")
     return "; ".join(parts)
 
 

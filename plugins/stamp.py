@@ -20,5 +20,6 @@ def milterd_header_edits(app, connection, message):
     copies = sum(1 for n, _ in message.headers if n.lower() == lname)
     edits: list = [DeleteHeader(name, i) for i in range(1, copies + 1)]
     result = message.stash.get(ds.RESULT_KEY) or ds.NOT_COVERED
-    edits.append(AddHeader(name, stamp_value(connection.tls, result.status, result.domain), 0))
+    edits.append(AddHeader(name, stamp_value(connection.tls, result.status, result.domain,
+                                               result.reason), 0))
     return edits

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh Debian machine: provisions everything (idempotently), then runs
+# pytest.  Extra arguments go to pytest (e.g. `scripts/test.sh -k postfix -x`).
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+cd "$here"
+bash scripts/setup.sh
+# Sendmail is provisioned by its own script when present (private root, no package conflict).
+if [ -f scripts/setup-sendmail.sh ]; then bash scripts/setup-sendmail.sh; fi
+exec .venv/bin/python -m pytest "$@"

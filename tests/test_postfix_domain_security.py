@@ -1,0 +1,55 @@
+"""Domain Security end to end: the shared table against a real Postfix (milter + policy delegation)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from milterd.lab.net import free_port
+from milterd.lab.smtp import make_message, send
+
+from conftest import MilterdFactory, make_lab_dir
+from ds_table import ROWS, check_row, client_tls, ds_config
+
+pytestmark = pytest.mark.postfix
+RCPT = "user@contoso.test"
+
+
+@pytest.fixture(scope="module", params=["enforce", "report"])
+def ds_lab(request, partners):
+    from milterd.lab.postfix import PostfixLab, PostfixTLS
+
+    mode = request.param
+    factory = MilterdFactory(make_lab_dir("milterd-ds-"))
+    policy_port = free_port()
+    m = factory(ds_config(partners, mode=mode, policy_listen=f"127.0.0.1:{policy_port}"))
+    pf = PostfixLab(milter_socket=m.socket_spec,
+                    tls=PostfixTLS(partners.server.cert_path, partners.server.key_path,
+                                   partners.pki.ca_path),
+                    policy_service=f"inet:127.0.0.1:{policy_port}").start()
+    yield mode, m, pf
+    pf.cleanup()
+    factory.stop_all()
+
+
+def _delivered_with_subject(pf, subject, timeout=15):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for msg in pf.delivered():
+            if msg["Subject"] == subject:
+                return msg
+        time.sleep(0.05)
+    return None
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r.name for r in ROWS])
+def test_domain_security_table(ds_lab, partners, row):
+    mode, m, pf = ds_lab
+    data = make_message(row.sender, RCPT, f"{mode}:{row.name}", from_header=row.from_header)
+    result = send(pf.port, row.sender, [RCPT], data, tls=client_tls(partners, row.client))
+    msg = _delivered_with_subject(pf, f"{mode}:{row.name}") if result.accepted else None
+    if not result.accepted:
+        assert all(d["Subject"] != f"{mode}:{row.name}" for d in pf.delivered())
+    check_row(row, result, msg, mode=mode)
+
