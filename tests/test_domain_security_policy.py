@@ -1,0 +1,95 @@
+"""Domain Security decisions as pure functions: every reason, in order of precedence."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from milterd import domain_security as ds
+from milterd import reasons
+from milterd.config import parse_config
+from milterd.session import CertVerify, TlsFacts
+
+PIN = ":".join(["AA"] * 32)
+OTHER_FP = ":".join(["BB"] * 32)
+CONFIG = parse_config(f"""
+[domain_security]
+receive_domains = ["woodgrovebank.test", ".contoso.test"]
+[tls]
+min_version = "TLSv1.2"
+min_cipher_bits = 128
+[peer_cert.pins]
+"pinned.test" = ["{PIN}"]
+""")
+GOOD = TlsFacts(version="TLSv1.3", cipher="X", bits=256, verify=CertVerify.OK,
+                subject_cn="mail.woodgrovebank.test", issuer="Lab CA", dialect="postfix")
+
+
+@pytest.mark.parametrize("facts,domain,expect", [
+    (GOOD, "woodgrovebank.test", (ds.PASS, None)),
+    (TlsFacts(), "woodgrovebank.test", (ds.FAIL, reasons.NO_TLS)),
+    (replace(GOOD, version="TLSv1.1"), "woodgrovebank.test", (ds.FAIL, reasons.TLS_VERSION)),
+    (replace(GOOD, version="SSLv3"), "woodgrovebank.test", (ds.FAIL, reasons.TLS_VERSION)),
+    (replace(GOOD, bits=56), "woodgrovebank.test", (ds.FAIL, reasons.CIPHER_BITS)),
+    (replace(GOOD, bits=None), "woodgrovebank.test", (ds.FAIL, reasons.CIPHER_BITS)),
+    (replace(GOOD, verify=CertVerify.FAIL), "woodgrovebank.test",
+     (ds.FAIL, reasons.NO_TRUSTED_CERT)),
+    (replace(GOOD, verify=CertVerify.UNKNOWN), "woodgrovebank.test",
+     (ds.FAIL, reasons.NO_TRUSTED_CERT)),
+    (replace(GOOD, subject_cn="mail.fabrikam.test"), "woodgrovebank.test",
+     (ds.FAIL, reasons.NAME_MISMATCH)),
+    (replace(GOOD, subject_cn="evilwoodgrovebank.test"), "woodgrovebank.test",
+     (ds.FAIL, reasons.NAME_MISMATCH)),
+    (replace(GOOD, subject_cn=None), "woodgrovebank.test", (ds.FAIL, reasons.NAME_MISMATCH)),
+    (replace(GOOD, subject_cn="MAIL.WoodgroveBank.TEST."), "woodgrovebank.test", (ds.PASS, None)),
+    # Direct Trust: a pinned self-signed certificate passes without chain or name.
+    (replace(GOOD, verify=CertVerify.FAIL, subject_cn="whatever", fingerprint_sha256=PIN),
+     "pinned.test", (ds.PASS, None)),
+    (replace(GOOD, verify=CertVerify.FAIL, fingerprint_sha256=OTHER_FP), "pinned.test",
+     (ds.FAIL, reasons.PIN_MISMATCH)),
+    # A pin does not help below the TLS minimums.
+    (replace(GOOD, version="TLSv1", fingerprint_sha256=PIN), "pinned.test",
+     (ds.FAIL, reasons.TLS_VERSION)),
+])
+def test_evaluate(facts, domain, expect):
+    r = ds.evaluate(facts, domain, CONFIG)
+    assert (r.status, r.reason) == expect
+    assert r.domain == domain
+
+
+def test_issuer_allow_list_accepts_cn_or_dn():
+    cfg = parse_config('[peer_cert]\ntrusted_issuers = ["Lab CA"]\n')
+    assert ds.evaluate(GOOD, "woodgrovebank.test", cfg).status == ds.PASS
+    sendmail = replace(GOOD, issuer="/O=Lab/CN=Lab CA", dialect="sendmail")
+    assert ds.evaluate(sendmail, "woodgrovebank.test", cfg).status == ds.PASS
+    other = replace(GOOD, issuer="Other CA")
+    assert ds.evaluate(other, "woodgrovebank.test", cfg).reason == reasons.ISSUER_NOT_ALLOWED
+
+
+def test_coverage_by_list_entry():
+    rd = CONFIG.domain_security.receive_domains
+    assert ds.covered_domain("woodgrovebank.test", rd) == "woodgrovebank.test"
+    assert ds.covered_domain("sales.contoso.test", rd) == "contoso.test"
+    assert ds.covered_domain("sub.woodgrovebank.test", rd) is None  # exact entry: exact only
+    assert ds.covered_domain("fabrikam.test", rd) is None
+    assert ds.covered_domain(None, rd) is None
+
+
+def test_from_header_domains_every_mailbox():
+    assert ds.from_header_domains(['"A" <a@x.test>, b@WoodgroveBank.test',
+                                   "garbage <<<"]) == ["x.test", "woodgrovebank.test"]
+
+
+def test_combine_first_failure_wins():
+    p = ds.Result(ds.PASS, "a.test", via="trusted")
+    f = ds.Result(ds.FAIL, "b.test", reasons.NO_TLS)
+    assert ds.combine([p, f]) == f and ds.combine([p]) == p and ds.combine([]) == ds.NOT_COVERED
+
+
+def test_postfix_pinned_partner_is_decided_once_the_fingerprint_can_be_known():
+    anon = TlsFacts(version="TLSv1.3", bits=256, verify=CertVerify.UNKNOWN, dialect="postfix")
+    assert ds.may_still_pass(anon, "pinned.test", CONFIG)
+    assert not ds.may_still_pass(anon, "woodgrovebank.test", CONFIG)   # no pins there
+    assert not ds.may_still_pass(replace(anon, fingerprint_sha256=OTHER_FP), "pinned.test", CONFIG)
+    assert not ds.may_still_pass(TlsFacts(), "pinned.test", CONFIG)   # no TLS: nothing to wait for
