@@ -60,6 +60,7 @@ class MilterSession(Milter.Base):
         self.message: Message | None = None
         self._tls_raw: tuple[Any, ...] | None = None
         self._header_count = 0
+        self._rcpt_refusal: Verdict | None = None
 
     # -- negotiation --------------------------------------------------------------------------
     def negotiate(self, opts: list[int]) -> int:
@@ -104,9 +105,11 @@ class MilterSession(Milter.Base):
     def envfrom(self, mailfrom: str, *params: str) -> int:
         start = time.perf_counter()
         try:
+            self._finish_refused()
             self._refresh_tls()
             self.message = Message(sender=mailfrom, queue_id=self.getsymval("i") or None)
             self._header_count = 0
+            self._rcpt_refusal = None
             if not self.dispatcher.has_impls("milterd_mail_from"):
                 return self._noreply(P_NR_MAIL)
             verdict = self.dispatcher.verdict("milterd_mail_from", self.connection, self.message)
@@ -136,6 +139,7 @@ class MilterSession(Milter.Base):
                                               recipient=to)
             if verdict.action is not Action.CONTINUE:
                 m.recipients.pop()
+                self._rcpt_refusal = verdict
             return self._reply(verdict, P_NR_RCPT)
         except Exception:
             return self._internal_error("envrcpt")
@@ -181,11 +185,26 @@ class MilterSession(Milter.Base):
             self._observe("eom", start)
 
     def abort(self) -> int:
+        try:
+            self._finish_refused()
+        except Exception:
+            log.exception("conn=%s: error in abort", self.connection.id)
         self.message = None
         return CONTINUE
 
+    def _finish_refused(self) -> None:
+        """A transaction whose every recipient milterd refused ends without end-of-message:
+        report it once, as refused, so it is logged and counted like a MAIL FROM refusal."""
+        m, refusal = self.message, self._rcpt_refusal
+        self._rcpt_refusal = None
+        if m is not None and refusal is not None and not m.recipients:
+            self.message = None
+            self.dispatcher.notify("milterd_message_done", connection=self.connection,
+                                   message=m, verdict=refusal)
+
     def close(self) -> int:
         try:
+            self._finish_refused()
             c = self.connection
             self.app.metrics.tls_sessions.labels(
                 version=c.tls.version or "none", verify=c.tls.verify.value).inc()

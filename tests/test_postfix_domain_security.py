@@ -22,8 +22,10 @@ def ds_lab(request, partners):
 
     mode = request.param
     factory = MilterdFactory(make_lab_dir("milterd-ds-"))
-    policy_port = free_port()
-    m = factory(ds_config(partners, mode=mode, policy_listen=f"127.0.0.1:{policy_port}"))
+    policy_port, metrics_port = free_port(), free_port()
+    m = factory(ds_config(partners, mode=mode, policy_listen=f"127.0.0.1:{policy_port}") +
+                f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n')
+    m.metrics_port = metrics_port
     pf = PostfixLab(milter_socket=m.socket_spec,
                     tls=PostfixTLS(partners.server.cert_path, partners.server.key_path,
                                    partners.pki.ca_path),
@@ -53,3 +55,22 @@ def test_domain_security_table(ds_lab, partners, row):
         assert all(d["Subject"] != f"{mode}:{row.name}" for d in pf.delivered())
     check_row(row, result, msg, mode=mode)
 
+
+
+def test_counters_match_the_table(ds_lab):
+    """Runs after the rows of the same mode: each message counted once, whatever its stage."""
+    from collections import Counter
+
+    from test_postfix_stamp_metrics import _scrape
+
+    mode, m, pf = ds_lab
+    metrics = _scrape(m.metrics_port)
+    failures = Counter(r.reason for r in ROWS if r.status == "fail")
+    for reason, n in failures.items():
+        key = f'milterd_domain_security_failures_total{{domain="woodgrovebank.test",reason="{reason}"}}'
+        assert metrics.get(key) == n, (key, metrics.get(key))
+    passes = sum(1 for r in ROWS if r.status == "pass")
+    assert metrics['milterd_domain_secured_messages_received_total{domain="woodgrovebank.test"}'] == passes
+    refused = 0 if mode == "report" else sum(1 for r in ROWS if r.reply_class == "5xx")
+    assert metrics['milterd_messages_total{verdict="reject"}'] == refused
+    assert metrics['milterd_messages_total{verdict="accept"}'] == len(ROWS) - refused

@@ -94,6 +94,7 @@ class PostfixLab:
             # Postfix's own processes run as user postfix: the tree must be reachable by it,
             # which pytest's 0700 tmp dirs are not.
             self.base = Path(tempfile.mkdtemp(prefix="milterd-postfix-"))
+        self.base.mkdir(parents=True, exist_ok=True)
         os.chmod(self.base, 0o755)
         if not self.port:
             self.port = free_port()
