@@ -64,6 +64,8 @@ class DomainSecurityConfig:
 class TlsConfig:
     min_version: str = "TLSv1.2"
     min_cipher_bits: int = 128
+    # PEM files whose expiry is exported (the MTA's own server/client certificates)
+    certificates: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,7 @@ def parse_config(text: str, *, source: str = "<string>") -> Config:
             min_version=v.choice("tls.min_version", TLS_VERSIONS, TlsConfig.min_version),
             min_cipher_bits=v.get("tls.min_cipher_bits", int, TlsConfig.min_cipher_bits,
                                   check=_non_negative),
+            certificates=tuple(v.get("tls.certificates", list, [], check=_list_of_str)),
         ),
         peer_cert=PeerCertConfig(
             trusted_issuers=tuple(v.get("peer_cert.trusted_issuers", list, [],
@@ -201,7 +204,7 @@ _KNOWN_KEYS = {
     "socketmap": {"listen"},
     "metrics": {"listen"},
     "domain_security": {"mode", "failure_action", "receive_domains", "send_domains"},
-    "tls": {"min_version", "min_cipher_bits"},
+    "tls": {"min_version", "min_cipher_bits", "certificates"},
     "peer_cert": {"trusted_issuers", "pins"},
     "stamp": {"header"},
     "plugins": {"disable", "modules"},

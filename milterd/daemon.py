@@ -80,13 +80,9 @@ class Daemon:
         return dispatcher
 
     def _refresh_cert_gauge(self, config: Config) -> None:
+        from milterd.certtool import certificate_expiry
+
         paths = _configured_cert_paths(config)
-        if not paths:
-            return
-        try:
-            from milterd.certtool import certificate_expiry
-        except ImportError:  # pragma: no cover - certtool ships with milterd
-            return
         gauge = self.app.metrics.certificate_expiry
         gauge.clear()
         for path, subject, not_after in certificate_expiry(paths):
@@ -222,8 +218,7 @@ def _unix_path(spec: str) -> str | None:
 
 
 def _configured_cert_paths(config: Config) -> list[str]:
-    # Certificates the config names (none in the core config yet; reserved for [tls] files).
-    return []
+    return list(config.tls.certificates)
 
 
 def _version() -> str:

@@ -7,7 +7,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 
-need_pkgs=(postfix libmilter-dev swaks openssl gcc libc6-dev m4 iproute2 procps)
+need_pkgs=(postfix libmilter-dev swaks openssl gcc libc6-dev m4 iproute2 procps prometheus systemd)
 missing=()
 for p in "${need_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
