@@ -96,14 +96,16 @@ def _sendmail(version: str, cipher: str | None, bits: int | None, verify_raw: st
     cn_macro = _clean(macros.get("{cn_subject}"))
     cn = xtext_decode(cn_macro) if cn_macro else None
     if subject_dn:
-        # The DN must agree: a CN value that smuggles "/CN=" makes the DN ambiguous, and an
-        # ambiguous name is no name (never trust the attacker's choice of "second CN").
+        # The DN must agree: a value that smuggles "/CN=" (in the CN or in another attribute)
+        # makes the one-line DN ambiguous, and an ambiguous name is no name.  When Sendmail sent
+        # {cn_subject} at all (even empty), it is authoritative: never fall back to reading a CN
+        # out of the DN the peer composed.
         dn_cn = subject_cn(subject_dn)
-        if dn_cn is None or (cn is not None and dn_cn != cn):
-            if cn is not None:
+        if cn_macro is not None:
+            if cn is not None and dn_cn != cn:
                 warnings.append(f"ambiguous certificate subject {subject_dn[:120]!r}")
-            cn = None
-        elif cn is None:
+                cn = None
+        else:
             cn = dn_cn
     fp_raw = _clean(macros.get("{cert_fp}"))
     md5 = _clean(macros.get("{cert_md5}"))

@@ -81,3 +81,11 @@ def test_malformed_macros_do_not_raise():
                                    "{cert_subject}": "x" * 100000})
     assert facts.bits is None and len(warnings) == 2
     assert len(facts.subject_cn or "") <= 4096
+
+
+def test_sendmail_cn_hidden_in_another_attribute_is_no_name():
+    # No real CN; the O value carries "/CN=…".  {cn_subject} is empty: the DN must not be read.
+    facts, _ = from_macros({**TLS, "{verify}": "OK",
+                            "{cert_subject}": "/O=x/CN=mail.woodgrovebank.test",
+                            "{cn_subject}": ""})
+    assert facts.subject_cn is None
