@@ -94,10 +94,14 @@ class PluginsConfig:
 
 @dataclass(frozen=True)
 class OutboundConfig:
-    """Where milterd learns outbound TLS outcomes (Postfix's ``maillog_file``)."""
+    """Outbound Domain Security: where results come from and how published policies are found."""
 
-    maillog: str | None = None
-    state_dir: str | None = None
+    maillog: str | None = None          # Postfix maillog_file to follow for delivery results
+    state_dir: str | None = None        # follower offset + TLS-RPT session records
+    dns_servers: tuple[str, ...] = ()   # "IP" or "IP:PORT"; empty = /etc/resolv.conf (must
+                                        # validate DNSSEC for DANE: the AD bit is trusted)
+    mtasts_ca_file: str | None = None   # CA bundle for MTA-STS policy fetches (default: system)
+    on_dns_error: str = "temp"          # temp (defer) | notfound (fail open to opportunistic)
 
 
 @dataclass(frozen=True)
@@ -186,6 +190,9 @@ def parse_config(text: str, *, source: str = "<string>") -> Config:
         outbound=OutboundConfig(
             maillog=v.get("outbound.maillog", str, None),
             state_dir=v.get("outbound.state_dir", str, None),
+            dns_servers=tuple(v.get("outbound.dns_servers", list, [], check=_dns_servers)),
+            mtasts_ca_file=v.get("outbound.mtasts_ca_file", str, None),
+            on_dns_error=v.choice("outbound.on_dns_error", ("temp", "notfound"), "temp"),
         ),
         source=source,
     )
@@ -208,7 +215,7 @@ _KNOWN_KEYS = {
     "peer_cert": {"trusted_issuers", "pins"},
     "stamp": {"header"},
     "plugins": {"disable", "modules"},
-    "outbound": {"maillog", "state_dir"},
+    "outbound": {"maillog", "state_dir", "dns_servers", "mtasts_ca_file", "on_dns_error"},
 }
 
 
@@ -226,6 +233,22 @@ def _list_of_str(value: list) -> str | None:
 
 
 _HEADER_NAME = re.compile(r"^[!-9;-~]+$")  # RFC 5322 ftext: printable ASCII except ':'
+
+
+def _dns_servers(value: list) -> str | None:
+    import ipaddress
+
+    for entry in value:
+        if not isinstance(entry, str):
+            return "must be a list of strings"
+        host, _, port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
+        try:
+            ipaddress.ip_address(host or entry)
+        except ValueError:
+            return f'{entry!r} is not "IP" or "IP:PORT"'
+        if port and not (port.isdigit() and 0 < int(port) < 65536):
+            return f"{entry!r} has a bad port"
+    return None
 
 
 def _header_name(value: str) -> str | None:

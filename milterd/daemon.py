@@ -112,6 +112,9 @@ class Daemon:
                     log.warning("reload: %s changed; it takes effect at the next restart", key)
             self.config = new_config
             self.app.config = new_config
+            for service in self._servers:
+                if hasattr(service, "reconfigure"):
+                    service.reconfigure(new_config)
             self.app.dispatcher = dispatcher  # atomic swap; open sessions keep their own
             self.app.metrics.config_reloads.labels(result="ok").inc()
             log.info("configuration reloaded from %s (plugins: %s)", self.config_path or

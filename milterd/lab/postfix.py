@@ -88,6 +88,10 @@ class PostfixLab:
     port: int = 0
     base: Path | None = None
     with_contrib: bool = True            # use contrib/postfix/main.cf.milterd for milter settings
+    listen_address: str = "127.0.0.1"
+    # name -> loopback address, seen by this instance only (a private /etc/hosts bind-mounted in
+    # a mount namespace): lets outbound tests relay to "partner domains" without DNS
+    hosts: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.base is None:
@@ -117,7 +121,9 @@ class PostfixLab:
             "mydomain": self.hostname.split(".", 1)[-1],
             "myorigin": "$mydomain",
             "mydestination": "",
-            "inet_interfaces": "127.0.0.1",
+            # Postfix refuses a 127.x address that is not configured on an interface; the
+            # master.cf service line binds the exact address anyway.
+            "inet_interfaces": ("127.0.0.1" if self.listen_address == "127.0.0.1" else "all"),
             "inet_protocols": "ipv4",
             "mynetworks": "127.0.0.0/8",
             "maillog_file": str(self.maillog),
@@ -173,7 +179,8 @@ class PostfixLab:
     def write_config(self) -> None:
         self.conf.mkdir(parents=True, exist_ok=True)
         (self.conf / "main.cf").write_text(self.main_cf())
-        (self.conf / "master.cf").write_text(_MASTER_CF.format(listen=f"127.0.0.1:{self.port}"))
+        (self.conf / "master.cf").write_text(
+            _MASTER_CF.format(listen=f"{self.listen_address}:{self.port}"))
         for d in (self.maildir, self.base / "data", self.queue):
             d.mkdir(parents=True, exist_ok=True)
         os.chown(self.maildir, 65534, 65534)
@@ -191,11 +198,22 @@ class PostfixLab:
         r = self.postfix("check", check=False)
         if r.returncode != 0:
             raise RuntimeError(f"postfix check failed: {r.stdout}{r.stderr}{self.log_tail()}")
-        r = self.postfix("start", check=False)
+        if self.hosts:
+            hosts_file = self.base / "hosts"
+            hosts_file.write_text("127.0.0.1 localhost\n" + "".join(
+                f"{addr} {name}\n" for name, addr in self.hosts.items()))
+            os.chmod(hosts_file, 0o644)
+            # The master and every child it forks keep this private mount namespace.
+            r = subprocess.run(["unshare", "-m", "sh", "-c",
+                                f'mount --bind "{hosts_file}" /etc/hosts && '
+                                f'exec postfix -c "{self.conf}" start'],
+                               capture_output=True, text=True, timeout=60)
+        else:
+            r = self.postfix("start", check=False)
         if r.returncode != 0:
             raise RuntimeError(f"postfix start failed: {r.stdout}{r.stderr}{self.log_tail()}")
         self._started = True
-        if not wait_for_port("127.0.0.1", self.port, timeout=30):
+        if not wait_for_port(self.listen_address, self.port, timeout=30):
             self.stop()
             raise RuntimeError(f"postfix did not listen on {self.port}:{self.log_tail()}")
         return self

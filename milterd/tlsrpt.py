@@ -1,0 +1,207 @@
+"""SMTP TLS Reporting (RFC 8460) aggregate reports from the maillog follower's session records.
+
+Input: JSON lines written by :class:`milterd.maillog.MaillogFollower` (``sessions_file``), each
+``{"ts", "policy_domain", "policy_type", "policy_string", "mx_host", "receiving_mx_hostname",
+"receiving_ip", "result": "success"|"failure", "result_type", "failure_reason_code", …}``.
+
+Output (RFC 8460 §4.4): ``organization-name``, ``date-range`` {``start-datetime``,
+``end-datetime``} covering one UTC day, ``contact-info``, ``report-id``, and one ``policies[]``
+entry per (policy domain, policy) with ``policy`` {``policy-type`` (sts | tlsa |
+no-policy-found), ``policy-string[]``, ``policy-domain``, ``mx-host[]``}, ``summary``
+{``total-successful-session-count``, ``total-failure-session-count``} and ``failure-details[]``
+aggregated by (result type, sending MTA IP, receiving MX host name, receiving IP, reason code).
+
+``milterd tlsrpt --sessions FILE --date YYYY-MM-DD --org NAME --contact EMAIL [--out FILE]``
+prints (or writes; ``.gz`` → gzip, the ``application/tlsrpt+gzip`` form) the report.
+Submitting reports to the ``rua`` of ``_smtp._tls.<domain>`` is not done here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gzip
+import json
+import logging
+import os
+import sys
+import uuid
+from collections import OrderedDict
+from typing import Any, Iterable
+
+__all__ = ["build_report", "load_sessions", "register", "RESULT_TYPES", "POLICY_TYPES"]
+
+log = logging.getLogger(__name__)
+
+POLICY_TYPES = ("sts", "tlsa", "no-policy-found")
+RESULT_TYPES = (
+    # §4.3.1 negotiation failures
+    "starttls-not-supported", "certificate-host-mismatch", "certificate-expired",
+    "certificate-not-trusted", "validation-failure",
+    # §4.3.2 policy failures: DANE
+    "tlsa-invalid", "dnssec-invalid", "dane-required",
+    # §4.3.2 policy failures: MTA-STS
+    "sts-policy-fetch-error", "sts-policy-invalid", "sts-webpki-invalid",
+)
+
+
+def _day(date: str | _dt.date) -> _dt.date:
+    if isinstance(date, _dt.date):
+        return date
+    return _dt.date.fromisoformat(date)
+
+
+def _session_day(ts: Any) -> _dt.date | None:
+    if not isinstance(ts, str):
+        return None
+    try:
+        t = _dt.datetime.fromisoformat(ts.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=_dt.timezone.utc)
+    return t.astimezone(_dt.timezone.utc).date()
+
+
+def build_report(sessions: Iterable[dict], date: str | _dt.date, organization_name: str,
+                 contact_info: str, report_id: str, *, policy_domain: str | None = None,
+                 sending_mta_ip: str | None = None) -> dict:
+    """Build the RFC 8460 report for the sessions of one UTC ``date``.
+
+    :param sessions: session records (see the module docstring); records of other days, of
+        other domains (when ``policy_domain`` is given) and malformed records are skipped.
+    :param sending_mta_ip: the sending MTA's address for ``failure-details`` when a record
+        has none (the Postfix log does not name the local address).
+    """
+    day = _day(date)
+    groups: "OrderedDict[tuple, dict]" = OrderedDict()
+    for s in sessions:
+        if not isinstance(s, dict) or _session_day(s.get("ts")) != day:
+            continue
+        domain = s.get("policy_domain")
+        if not isinstance(domain, str) or not domain:
+            continue
+        if policy_domain is not None and domain != policy_domain.lower().rstrip("."):
+            continue
+        ptype = s.get("policy_type") if s.get("policy_type") in POLICY_TYPES else "no-policy-found"
+        pstrings = tuple(str(x) for x in s.get("policy_string") or ())
+        mx_hosts = tuple(str(x) for x in s.get("mx_host") or ())
+        key = (domain, ptype, pstrings, mx_hosts)
+        g = groups.setdefault(key, {"ok": 0, "fail": 0, "details": OrderedDict()})
+        if s.get("result") == "failure":
+            g["fail"] += 1
+            rtype = s.get("result_type")
+            if rtype not in RESULT_TYPES:
+                rtype = "validation-failure"
+            dkey = (rtype, s.get("sending_mta_ip") or sending_mta_ip or "",
+                    s.get("receiving_mx_hostname") or "", s.get("receiving_ip") or "",
+                    s.get("failure_reason_code") or "")
+            g["details"][dkey] = g["details"].get(dkey, 0) + 1
+        else:
+            g["ok"] += 1
+    policies = []
+    for (domain, ptype, pstrings, mx_hosts), g in groups.items():
+        details = []
+        for (rtype, send_ip, mx_name, recv_ip, code), count in g["details"].items():
+            d: dict[str, Any] = {"result-type": rtype}
+            if send_ip:
+                d["sending-mta-ip"] = send_ip
+            if mx_name:
+                d["receiving-mx-hostname"] = mx_name
+            if recv_ip:
+                d["receiving-ip"] = recv_ip
+            d["failed-session-count"] = count
+            if code:
+                d["failure-reason-code"] = code
+            details.append(d)
+        entry: dict[str, Any] = {
+            "policy": {"policy-type": ptype, "policy-string": list(pstrings),
+                       "policy-domain": domain, "mx-host": list(mx_hosts)},
+            "summary": {"total-successful-session-count": g["ok"],
+                        "total-failure-session-count": g["fail"]},
+        }
+        if details:
+            entry["failure-details"] = details
+        policies.append(entry)
+    return {
+        "organization-name": organization_name,
+        "date-range": {"start-datetime": f"{day.isoformat()}T00:00:00Z",
+                       "end-datetime": f"{day.isoformat()}T23:59:59Z"},
+        "contact-info": contact_info,
+        "report-id": report_id,
+        "policies": policies,
+    }
+
+
+def load_sessions(path: str | os.PathLike) -> list[dict]:
+    """Read a JSON-lines session file; malformed lines are skipped (and counted in the log)."""
+    out: list[dict] = []
+    bad = 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                bad += 1
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
+            else:
+                bad += 1
+    if bad:
+        log.warning("%s: %d malformed session line(s) skipped", path, bad)
+    return out
+
+
+# -- CLI -----------------------------------------------------------------------------------------
+def register(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
+    """Add the ``tlsrpt`` sub-command; its ``func(args) -> int`` is set with set_defaults."""
+    p = subparsers.add_parser(
+        "tlsrpt", help="build an RFC 8460 TLS-RPT report from recorded outbound sessions",
+        description="Build an RFC 8460 SMTP TLS report (JSON) for one UTC day.")
+    p.add_argument("--sessions", required=True, metavar="FILE",
+                   help="JSON-lines session file written by the maillog follower")
+    p.add_argument("--date", required=True, metavar="YYYY-MM-DD", help="UTC day to report")
+    p.add_argument("--org", required=True, metavar="NAME", help="organization-name")
+    p.add_argument("--contact", required=True, metavar="EMAIL", help="contact-info")
+    p.add_argument("--out", metavar="FILE", help="write here (.gz: gzip) instead of stdout")
+    p.add_argument("--domain", metavar="DOMAIN", help="only this policy domain")
+    p.add_argument("--report-id", metavar="ID", help="report-id (default: generated)")
+    p.add_argument("--sending-ip", metavar="IP", help="sending-mta-ip for failure details")
+    p.set_defaults(func=run_tlsrpt)
+    return p
+
+
+def run_tlsrpt(args: argparse.Namespace) -> int:
+    try:
+        day = _dt.date.fromisoformat(args.date)
+    except ValueError:
+        print(f"milterd tlsrpt: --date: not a YYYY-MM-DD date: {args.date!r}", file=sys.stderr)
+        return 2
+    try:
+        sessions = load_sessions(args.sessions)
+    except OSError as exc:
+        print(f"milterd tlsrpt: --sessions: {exc.strerror}: {args.sessions}", file=sys.stderr)
+        return 2
+    report_id = args.report_id or f"{day.isoformat()}T00:00:00Z_{uuid.uuid4().hex}"
+    report = build_report(sessions, day, args.org, args.contact, report_id,
+                          policy_domain=args.domain, sending_mta_ip=args.sending_ip)
+    text = json.dumps(report, indent=2) + "\n"
+    if not args.out:
+        sys.stdout.write(text)
+        return 0
+    tmp = f"{args.out}.tmp"
+    try:
+        data = text.encode("utf-8")
+        if args.out.endswith(".gz"):
+            data = gzip.compress(data)
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, args.out)
+    except OSError as exc:
+        print(f"milterd tlsrpt: --out: {exc.strerror}: {args.out}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,257 @@
+"""Socketmap server over real loopback TCP, backed by the real resolver, DNS and HTTPS servers."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from dns_server import DnsServer
+from milterd.mtasts import MtaStsClient
+from milterd.socketmap import SocketmapServer, encode_netstring
+from milterd.tlspolicy import DnsClient, PolicyAnswer, PolicyResolver
+from mtasts_server import PolicyServer, TestCA
+
+TLSA = "3 1 1 " + "ab" * 32
+
+
+def netstring(payload: bytes) -> bytes:
+    return str(len(payload)).encode() + b":" + payload + b","
+
+
+class Client:
+    """Minimal socketmap client (what Postfix does): one connection, many requests."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.buf = b""
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def read_reply(self) -> str | None:
+        while b":" not in self.buf:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                return None
+            self.buf += chunk
+        head, _, rest = self.buf.partition(b":")
+        n = int(head)
+        while len(rest) < n + 1:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                return None
+            rest += chunk
+        assert rest[n:n + 1] == b","
+        self.buf = rest[n + 1:]
+        return rest[:n].decode()
+
+    def query(self, key: str, name: str = "tlspolicy") -> str | None:
+        self.send_raw(netstring(f"{name} {key}".encode()))
+        return self.read_reply()
+
+    def closed(self) -> bool:
+        """True once the server has closed the connection (bounded wait)."""
+        self.sock.settimeout(5)
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("socketmap")
+    ca = TestCA(tmp)
+    cert, key = ca.issue(["mta-sts.sts.test", "mta-sts.testing.test"])
+    with DnsServer() as dns_srv, PolicyServer(cert, key) as web:
+        dns_srv.add("dane.test", "MX", ["10 mx.dane.test."], ad=True)
+        dns_srv.add("_25._tcp.mx.dane.test", "TLSA", [TLSA], ad=True)
+        dns_srv.add("nodnssec.test", "MX", ["10 mx.nodnssec.test."])
+        dns_srv.add("_25._tcp.mx.nodnssec.test", "TLSA", [TLSA])
+        for dom, mode in (("sts.test", "enforce"), ("testing.test", "testing")):
+            dns_srv.add(dom, "MX", [f"10 mx.{dom}."])
+            dns_srv.add(f"_mta-sts.{dom}", "TXT", ['"v=STSv1; id=20240101;"'])
+            web.routes[f"mta-sts.{dom}"] = (
+                200, {"Content-Type": "text/plain"},
+                f"version: STSv1\nmode: {mode}\nmx: mx.{dom}\nmx: *.mx.{dom}\nmax_age: 3600\n".encode())
+        # DNS that never answers, for everything below these names
+        for name in ("partner.test", "x.group.test", "timeout.test"):
+            dns_srv.drop(name)
+        dns = DnsClient(["127.0.0.1"], port=dns_srv.port, timeout=0.3, lifetime=0.6)
+        sts = MtaStsClient(dns, ca_file=str(ca.ca_file), address_override={
+            f"mta-sts.{d}": ("127.0.0.1", web.port) for d in ("sts.test", "testing.test")})
+        resolver = PolicyResolver(["partner.test", ".group.test"], "TLSv1.2", dns, sts)
+        handle = SocketmapServer(resolver, "127.0.0.1", 0, max_request=300).start_in_thread()
+        try:
+            yield handle
+        finally:
+            handle.stop()
+
+
+@pytest.fixture
+def client(server):
+    c = Client(server.port)
+    yield c
+    c.close()
+
+
+def test_port_is_bound(server):
+    assert server.port > 0
+
+
+@pytest.mark.parametrize("key,reply", [
+    ("partner.test", "OK secure match=partner.test:.partner.test protocols=>=TLSv1.2"),
+    ("partner.test.", "OK secure match=partner.test:.partner.test protocols=>=TLSv1.2"),
+    ("[partner.test]:25", "OK secure match=partner.test:.partner.test protocols=>=TLSv1.2"),
+    ("x.group.test", "OK secure match=x.group.test:.x.group.test protocols=>=TLSv1.2"),
+    ("dane.test", "OK dane-only"),
+    ("nodnssec.test", "NOTFOUND "),
+    ("sts.test", "OK secure match=mx.sts.test:.mx.sts.test servername=hostname"),
+    ("testing.test", "NOTFOUND "),
+    ("unknown.test", "NOTFOUND "),
+    ("timeout.test", "TEMP DNS lookup failure"),
+    ("bad..key", "NOTFOUND "),
+    (".partner.test", "NOTFOUND "),            # Postfix's parent-domain probe
+    ("private/dovecot-lmtp", "NOTFOUND "),     # UNIX-domain next hop
+])
+def test_replies(client, key, reply):
+    assert client.query(key) == reply
+
+
+def test_many_requests_on_one_connection(client):
+    keys = ["partner.test", "dane.test", "unknown.test"] * 5
+    # pipelined: all requests first, then all replies, in order
+    client.send_raw(b"".join(netstring(f"tlspolicy {k}".encode()) for k in keys))
+    replies = [client.read_reply() for _ in keys]
+    assert replies[0].startswith("OK secure") and replies[1] == "OK dane-only"
+    assert replies[2] == "NOTFOUND " and replies[3:] == replies[:3] * 4
+
+
+def test_request_split_across_packets(client):
+    data = netstring(b"tlspolicy dane.test")
+    for i in range(len(data)):
+        client.send_raw(data[i:i + 1])
+    assert client.read_reply() == "OK dane-only"
+
+
+def test_bad_requests_keep_connection(client):
+    assert client.query("dane.test", name="othermap") == "PERM unknown map name"
+    client.send_raw(netstring(b"tlspolicy"))
+    assert client.read_reply() == "PERM invalid request"
+    client.send_raw(netstring(b"tlspolicy \xff\xfe"))
+    assert client.read_reply() == "PERM invalid request encoding"
+    assert client.query("dane.test") == "OK dane-only"
+
+
+@pytest.mark.parametrize("raw,reply", [
+    (b"abc:tlspolicy x,", "PERM malformed netstring"),
+    (b"5:tlspolicy x,", "PERM malformed netstring"),          # length lies: no comma
+    (b"999999:" + b"a" * 10, "PERM request too large"),        # over max_request
+    (b"1" * 100, "PERM malformed netstring"),                  # no colon at all
+    (b"-1:,", "PERM malformed netstring"),
+])
+def test_framing_errors_get_perm_and_close(server, raw, reply):
+    c = Client(server.port)
+    try:
+        c.send_raw(raw)
+        assert c.read_reply() == reply
+        assert c.closed()
+    finally:
+        c.close()
+    # the server survives
+    c2 = Client(server.port)
+    try:
+        assert c2.query("partner.test").startswith("OK secure")
+    finally:
+        c2.close()
+
+
+def test_clean_eof_and_abrupt_close(server):
+    c = Client(server.port)
+    c.send_raw(b"12:tlspolicy")  # half a request, then gone
+    c.close()
+    c = Client(server.port)
+    assert c.query("dane.test") == "OK dane-only"
+    c.close()
+
+
+def test_encode_netstring():
+    assert encode_netstring("OK x") == b"4:OK x,"
+    assert encode_netstring("") == b"0:,"
+
+
+class _Boom:
+    async def resolve(self, key: str) -> PolicyAnswer:
+        if key == "slow.test":
+            await asyncio.sleep(5)
+        raise RuntimeError("secret internal detail")
+
+
+def test_resolver_errors_become_temp_without_detail():
+    handle = SocketmapServer(_Boom(), "127.0.0.1", 0, request_timeout=0.3).start_in_thread()
+    try:
+        c = Client(handle.port)
+        assert c.query("x.test") == "TEMP internal error"
+        assert c.query("slow.test") == "TEMP lookup timeout"
+        c.close()
+    finally:
+        handle.stop()
+
+
+def test_idle_connections_are_closed_and_limit_enforced():
+    r = PolicyResolver(["partner.test"], None, None, None)
+    handle = SocketmapServer(r, "127.0.0.1", 0, idle_timeout=0.3, max_connections=1).start_in_thread()
+    try:
+        c1 = Client(handle.port)
+        assert c1.query("partner.test").startswith("OK")
+        c2 = Client(handle.port)  # over the limit: closed at once
+        assert c2.closed()
+        c2.close()
+        assert c1.closed()  # idle timeout
+        c1.close()
+        c3 = Client(handle.port)
+        assert c3.query("partner.test").startswith("OK")
+        c3.close()
+    finally:
+        handle.stop()
+
+
+def test_stop_closes_open_connections_and_port():
+    r = PolicyResolver(["partner.test"], None, None, None)
+    handle = SocketmapServer(r, "127.0.0.1", 0).start_in_thread()
+    c = Client(handle.port)
+    assert c.query("partner.test").startswith("OK")
+    handle.stop()
+    assert not handle.thread.is_alive()
+    assert c.closed()
+    c.close()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", handle.port), timeout=2).close()
+
+
+def test_bind_error_is_raised():
+    r = PolicyResolver([], None, None, None)
+    h = SocketmapServer(r, "127.0.0.1", 0).start_in_thread()
+    try:
+        with pytest.raises(OSError):
+            SocketmapServer(r, "127.0.0.1", h.port).start_in_thread()
+    finally:
+        h.stop()
+
+
+def test_resolver_can_be_swapped_on_reload():
+    handle = SocketmapServer(PolicyResolver(["old.test"], None, None, None)).start_in_thread()
+    try:
+        c = Client(handle.port)
+        assert c.query("old.test").startswith("OK secure")
+        handle.server.resolver = PolicyResolver(["new.test"], None, None, None)
+        assert c.query("old.test") == "NOTFOUND "
+        assert c.query("new.test") == "OK secure match=new.test:.new.test"
+        c.close()
+    finally:
+        handle.stop()
