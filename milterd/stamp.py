@@ -17,22 +17,27 @@ import re
 
 from milterd.session import CertVerify, TlsFacts
 
-MAX_VALUE_CHARS = 256  # keeps the whole header far below the 998-octet line limit
+MAX_VALUE_CHARS = 256  # encoded length of one value: the whole header stays below 998 octets
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_.+/-]{1,64}$")
 
 
 def quote(value: str) -> str:
-    value = value[:MAX_VALUE_CHARS]
-    out = []
+    """A quoted-string of at most MAX_VALUE_CHARS encoded characters (never a cut escape)."""
+    out: list[str] = []
+    size = 0
     for ch in value:
         o = ord(ch)
         if ch in '"\\':
-            out.append("\\" + ch)
+            piece = "\\" + ch
         elif 0x20 <= o < 0x7F and ch != "%":
-            out.append(ch)
+            piece = ch
         else:
-            out.extend(f"%{b:02X}" for b in ch.encode("utf-8", "surrogateescape"))
+            piece = "".join(f"%{b:02X}" for b in ch.encode("utf-8", "surrogateescape"))
+        if size + len(piece) > MAX_VALUE_CHARS:
+            break
+        out.append(piece)
+        size += len(piece)
     return '"' + "".join(out) + '"'
 
 
@@ -68,7 +73,7 @@ _PAIR = re.compile(r'\s*([a-z-]+)=("(?:[^"\\]|\\.)*"|[^;"\s]*)\s*(?:;|$)')
 
 def parse_stamp(value: str) -> dict[str, str]:
     """Inverse of :func:`stamp_value` (for tests and tools). Raises ValueError on bad syntax."""
-    value = " ".join(value.split())  # unfold
+    value = re.sub(r"\r?\n(?=[ \t])", "", value).strip()  # RFC 5322 unfolding: drop CRLF before WSP
     pos, out = 0, {}
     while pos < len(value):
         m = _PAIR.match(value, pos)
