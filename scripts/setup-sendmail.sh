@@ -45,8 +45,9 @@ apt_updated=0
 apt_update_once() {
   if [ "$apt_updated" -eq 0 ]; then
     log "apt-get update"
-    $SUDO apt-get update -qq >&2 || die "apt-get update failed"
     apt_updated=1
+    # A failing update (e.g. one unreachable source) is not fatal by itself: the retry decides.
+    $SUDO apt-get update -qq >&2 || log "WARNING: apt-get update failed; retrying anyway"
   fi
 }
 
