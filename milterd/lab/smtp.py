@@ -33,7 +33,7 @@ def make_message(sender: str, to: str, subject: str = "test", *, from_header: st
     for name, value in extra_headers or []:
         msg[name] = value
     msg.set_content(body)
-    return msg.as_bytes()
+    return msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))  # SMTP wants CRLF
 
 
 def client_context(ca: Path | None, cert: Path | None = None, key: Path | None = None,
