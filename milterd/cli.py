@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="live demo: Domain Security end to end on loopback")
     p.add_argument("--keep", action="store_true", help="keep the demo's work directory")
+    p.add_argument("--mta", choices=("reference", "postfix"), default="reference",
+                   help="reference: two reference MTAs, both directions (default); "
+                        "postfix: a private Postfix in every TLS case (needs root)")
     p.set_defaults(func=_cmd_demo)
 
     for module in ("milterd.certtool", "milterd.tlsrpt"):
@@ -77,7 +80,7 @@ def _cmd_default_config(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from milterd.demo import main as demo_main
 
-    return demo_main(keep=args.keep)
+    return demo_main(keep=args.keep, mta=args.mta)
 
 
 def main(argv: list[str] | None = None) -> int:

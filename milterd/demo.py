@@ -1,10 +1,15 @@
 """``milterd demo``: Domain Security end to end on loopback, with a readable summary.
 
-It makes a test PKI, starts milterd (enforce mode, woodgrovebank.test on the receive list, one
-pinned self-signed certificate) and a private Postfix for contoso.test that uses it, sends mail
-in every TLS case, then prints what happened: SMTP replies, the trace headers of delivered mail,
-the counters from /metrics and milterd's per-message log lines.  Everything it starts it stops;
-every wait is bounded.  Exit 0 when every outcome was the expected one.
+Default (``--mta reference``): two organisations, contoso.test and woodgrovebank.test, each with a
+reference pure-Python MTA and its own milterd, exchange domain-secured mail in both directions
+(mutual TLS, send lists, receive lists); then a spoofed partner mail without TLS and an ordinary
+opportunistic mail arrive at contoso.  Needs nothing but the Python install.
+
+``--mta postfix``: milterd in front of a private Postfix for contoso.test (root and Debian's
+postfix needed), mail in every TLS case including a pinned self-signed partner.
+
+Both print what happened — SMTP replies, trace headers, counters, logs — stop everything they
+started, bound every wait, and exit 0 only when every outcome was the expected one.
 """
 
 from __future__ import annotations
@@ -30,7 +35,152 @@ def _say(text: str = "") -> None:
     print(text, flush=True)
 
 
-def main(*, keep: bool = False) -> int:
+def main(*, keep: bool = False, mta: str = "reference") -> int:
+    if mta == "reference":
+        return reference_demo(keep=keep)
+    return postfix_demo(keep=keep)
+
+
+def _metrics_lines(port: int, prefixes: tuple[str, ...]) -> list[str]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return [line for line in text.splitlines() if line.startswith(prefixes)]
+
+
+def _wait(predicate, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def reference_demo(*, keep: bool = False) -> int:
+    import email
+    import email.policy
+
+    from milterd.mta.__main__ import MtaThread
+    from milterd.mta.config import MtaConfig
+
+    base = Path(tempfile.mkdtemp(prefix="milterd-demo-"))
+    os.chmod(base, 0o755)
+    started = time.monotonic()
+    procs: list[MilterdProcess] = []
+    mtas: dict[str, MtaThread] = {}
+    outbound: list[tuple[str, str, bool, str]] = []
+    try:
+        _say("== milterd demo: two organisations exchanging domain-secured mail on loopback")
+        pki = TestPKI(base / "pki", "Demo Root CA")
+        orgs = {"contoso.test": "woodgrovebank.test", "woodgrovebank.test": "contoso.test"}
+        certs = {d: pki.issue(f"mx.{d}", f"mx.{d}") for d in orgs}
+        _say(f"   test PKI in {pki.dir}: one CA, mx.contoso.test, mx.woodgrovebank.test")
+        metrics_ports, sockets = {}, {}
+        for domain, partner in orgs.items():
+            d = base / domain
+            d.mkdir()
+            metrics_ports[domain] = free_port()
+            sockets[domain] = d / "milter.sock"
+            cfg = d / "milterd.toml"
+            cfg.write_text(f"""
+[milter]
+listen = "unix:{sockets[domain]}"
+group = ""
+[metrics]
+listen = "127.0.0.1:{metrics_ports[domain]}"
+[domain_security]
+receive_domains = ["{partner}"]
+send_domains = ["{partner}"]
+""")
+            p = MilterdProcess(cfg, f"unix:{sockets[domain]}", log_path=d / "milterd.log")
+            procs.append(p.start())
+        ports = {d: free_port() for d in orgs}
+        for domain, partner in orgs.items():
+            d = base / domain
+            cfg = MtaConfig(hostname=f"mx.{domain}", maildir_root=d / "maildir",
+                            queue_dir=d / "queue", listen_port=ports[domain],
+                            local_domains=(domain,), tls_cert=certs[domain].cert_path,
+                            tls_key=certs[domain].key_path, ca_files=(pki.ca_path,),
+                            milter=f"unix:{sockets[domain]}", send_domains=(partner,),
+                            routes={partner: ("127.0.0.1", ports[partner])},
+                            protocol_log=d / "protocol.log", retry_base=0.2)
+
+            def record(dom: str, ok: bool, reason: str, _src: str = domain) -> None:
+                outbound.append((_src, dom, ok, reason))
+
+            mtas[domain] = MtaThread(cfg, on_outbound_result=record).start()
+            _say(f"   {domain}: reference MTA on 127.0.0.1:{ports[domain]}, milterd "
+                 f"(receive+send list: {partner}), /metrics on :{metrics_ports[domain]}")
+        _say()
+
+        def mailbox(domain: str, user: str) -> list:
+            new = base / domain / "maildir" / domain / user / "new"
+            return [email.message_from_bytes(f.read_bytes(), policy=email.policy.default)
+                    for f in sorted(new.iterdir())] if new.is_dir() else []
+
+        ok = True
+        _say(f"{'case':52} {'expected':9} reply at the receiving side")
+        # 1+2: submitted locally, relayed over mutual TLS, checked by the partner's milterd.
+        for src, dst, user in (("contoso.test", "woodgrovebank.test", "bob"),
+                               ("woodgrovebank.test", "contoso.test", "alice")):
+            sender, rcpt = f"{user}@{src}", f"{'alice' if user == 'bob' else 'bob'}@{dst}"
+            r = send(ports[src], sender, [rcpt],
+                     make_message(sender, rcpt, f"domain-secured {src} -> {dst}"))
+            got = r.accepted and _wait(lambda: any(
+                m["Subject"] == f"domain-secured {src} -> {dst}"
+                for m in mailbox(dst, rcpt.split("@")[0])))
+            ok &= bool(got)
+            _say(f"{'domain-secured ' + src + ' -> ' + dst:52} {'deliver':9} "
+                 f"{'delivered over mutual TLS' if got else 'NOT DELIVERED   <-- UNEXPECTED'}")
+        # 3+4: direct connections to contoso.
+        cases = [("spoof: woodgrovebank.test sender, no TLS", "ceo@woodgrovebank.test", False),
+                 ("ordinary sender, opportunistic (no TLS)", "news@fabrikam.test", True)]
+        for title, sender, expect in cases:
+            r = send(ports["contoso.test"], sender, ["alice@contoso.test"],
+                     make_message(sender, "alice@contoso.test", title))
+            good = r.accepted == expect
+            ok &= good
+            _say(f"{title:52} {'accept' if expect else 'refuse':9} {r.code} {r.text[:70]}"
+                 f"{'' if good else '   <-- UNEXPECTED'}")
+        _say()
+        _say("== trace headers of delivered mail")
+        for domain, user in (("woodgrovebank.test", "alice"), ("contoso.test", "bob"),
+                             ("contoso.test", "alice")):
+            for msg in mailbox(domain, user):
+                _say(f"   {msg['Subject']}:")
+                for v in msg.get_all("X-Milterd-TLS") or []:
+                    _say(f"      X-Milterd-TLS: {v}")
+        _say()
+        _say("== counters")
+        for domain in orgs:
+            for line in _metrics_lines(metrics_ports[domain], (
+                    "milterd_domain_secured_messages_received_total",
+                    "milterd_domain_security_failures_total", "milterd_messages_total")):
+                _say(f"   {domain:20} {line}")
+        for src, dst, sent_ok, reason in outbound:
+            _say(f"   {src:20} outbound to {dst}: {'domain-secured sent' if sent_ok else 'FAILED'}"
+                 f" ({reason})")
+        ok &= sum(1 for o in outbound if o[2] and o[3] == "secured") == 2
+        _say()
+        _say("== protocol log of contoso.test's MTA (excerpt: the outbound mutual-TLS session)")
+        plog = (base / "contoso.test" / "protocol.log").read_text(errors="replace").splitlines()
+        for line in [l for l in plog if ",*," in l or ",>,STARTTLS" in l][:8]:
+            _say("   " + line[:200])
+        _say()
+        _say(f"== {'all outcomes as expected' if ok else 'SOME OUTCOMES WERE UNEXPECTED'} "
+             f"({time.monotonic() - started:.1f}s)")
+        return 0 if ok else 1
+    finally:
+        for t in mtas.values():
+            t.stop()
+        for p in procs:
+            p.stop()
+        if keep:
+            _say(f"   kept {base}")
+        else:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def postfix_demo(*, keep: bool = False) -> int:
     if os.geteuid() != 0:
         _say("milterd demo: needs root (it runs a private Postfix instance)")
         return 2
