@@ -35,6 +35,7 @@ Tests: ``tests/test_names.py`` checks these rules with hypothesis properties; se
 from __future__ import annotations
 
 import encodings.idna as _stdlib_idna
+import functools
 import re
 import unicodedata
 from typing import Iterable
@@ -110,6 +111,7 @@ def _labels(name: str) -> list[str] | None:
     return out
 
 
+@functools.lru_cache(maxsize=8192)  # pure; on the per-message path (bounded cache)
 def normalize_dns_name(name: str) -> str | None:
     """Lower-case A-label form of ``name`` without its trailing dot, or None if not a DNS name."""
     labels = _labels(name)
@@ -211,6 +213,7 @@ def _split_local(addr: str) -> str | None:
     return dom if local else None
 
 
+@functools.lru_cache(maxsize=8192)  # pure; on the per-message path (bounded cache)
 def address_domain(addr: str) -> str | None:
     """Normalised domain of an SMTP envelope address, or None (null sender, no domain, literal).
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 from milterd import domain_security as ds
 from milterd.hookspecs import hookimpl
 from milterd.names import address_domain
+from milterd.session import StashKey
 from milterd.verdict import Verdict, reject, tempfail
 
 
@@ -31,9 +32,15 @@ def _refusal(app, result: ds.Result) -> Verdict | None:
     return reject(text, reason=result.reason or "")
 
 
+_ENVELOPE_DOMAIN: StashKey[str | None] = StashKey("domain_security.envelope_domain")
+
+
 def _envelope_domain(app, message) -> str | None:
-    return ds.covered_domain(address_domain(message.sender),
-                             app.config.domain_security.receive_domains)
+    # Computed once per message: MAIL FROM, RCPT and end of message all need it.
+    if _ENVELOPE_DOMAIN not in message.stash:
+        message.stash[_ENVELOPE_DOMAIN] = ds.covered_domain(
+            address_domain(message.sender), app.config.domain_security.receive_domains)
+    return message.stash[_ENVELOPE_DOMAIN]
 
 
 @hookimpl
