@@ -16,7 +16,7 @@ from types import SimpleNamespace
 from typing import Any, Callable, Optional
 
 from milterd.mta.config import MtaConfig
-from milterd.mta.testpki import Issued
+from milterd.lab.pki import Issued
 
 HERE = Path(__file__).parent
 
