@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 import urllib.request
 
 import pytest
@@ -108,3 +109,32 @@ def test_counters_after_a_scripted_flow(milterd_factory, postfix_factory, partne
     # Bounded labels: nothing but configured domains.
     domains = {m.group(1) for k in metrics for m in [re.search(r'domain="([^"]*)"', k)] if m}
     assert domains == {"woodgrovebank.test"}
+
+
+def test_one_json_log_line_per_message(milterd_factory, postfix_factory, partners):
+    import json
+
+    m = milterd_factory(PARTNER_CFG, extra_args=("--log-format", "json"))
+    pf = postfix_factory(m.socket_spec)
+    good = client_context(partners.pki.ca_path, partners.partner.cert_path,
+                          partners.partner.key_path)
+    p = "alice@woodgrovebank.test"
+    assert send(pf.port, p, [RCPT, "second@contoso.test"], make_message(p, RCPT, "j1"),
+                tls=good).accepted
+    assert send(pf.port, p, [RCPT], make_message(p, RCPT, "j2")).code == 550
+    pf.wait_delivered(2)
+    deadline = time.monotonic() + 10
+    while True:  # poll the log (bounded) until both lines are written
+        lines = [json.loads(l) for l in m.log_text().splitlines() if '"milterd.message"' in l]
+        if len(lines) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert len(lines) == 2  # one per message, not per recipient
+    ok, refused = lines
+    assert ok["queue_id"] and ok["verdict"] == "accept" and ok["recipients"] == 2
+    assert (ok["tls"], ok["verify"], ok["subject"], ok["issuer"]) == (
+        "TLSv1.3", "ok", "mail.woodgrovebank.test", "milterd Test CA")
+    assert (ok["domain_secure"], ok["domain"]) == ("pass", "woodgrovebank.test")
+    assert ok["client"] == "127.0.0.1" and ok["client_port"]
+    assert (refused["verdict"], refused["reason"], refused["tls"]) == ("reject", "no_tls", "none")
+    assert refused["reply"].startswith("550 5.7.1 Domain Security")
