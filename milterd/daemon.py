@@ -1,10 +1,15 @@
 """Running the daemon: sockets, side servers, signals and reload.
 
 pymilter's ``runmilter`` is not used as is, because the unix socket must get mode 0660 and the
-MTA's group between libmilter creating it and serving on it.  Signals (notes gotcha 8): libmilter
-owns the signal mask inside ``milter.main()``, so SIGHUP is blocked before any thread starts and
-a dedicated thread waits for it with ``sigwait``; SIGTERM/SIGINT are left to libmilter, which
-stops gracefully (finishing open sessions).
+MTA's group between libmilter creating it and serving on it.
+
+Signals.  libmilter's ``smfi_main`` blocks SIGHUP/SIGTERM/SIGINT in its thread and starts a
+signal thread that ``sigwait``\ s for them and treats SIGHUP like SIGTERM: *stop*.  A second
+``sigwait`` thread for reloads would race it (the kernel hands the signal to either waiter).
+Linux gives a process-directed signal to the main thread first whenever the main thread accepts
+it, so ``milter.main()`` runs in a worker thread and the Python main thread, which never blocks
+these signals, handles them: SIGHUP reloads, SIGTERM/SIGINT call ``milter.stop()`` (graceful:
+open sessions finish).  libmilter's signal thread never sees a signal.
 """
 
 from __future__ import annotations
@@ -121,11 +126,6 @@ class Daemon:
                      "<default>", ", ".join(dispatcher.plugin_names))
             return True
 
-    def _sighup_loop(self) -> None:
-        while True:
-            signal.sigwait({signal.SIGHUP})
-            log.info("SIGHUP received: reloading")
-            self.reload()
 
     # -- run ------------------------------------------------------------------------------------
     def start_side_servers(self) -> None:
@@ -159,9 +159,11 @@ class Daemon:
 
     def run(self) -> int:
         c = self.config
-        # Block SIGHUP in every thread we start from here on; one thread waits for it.
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
-        threading.Thread(target=self._sighup_loop, name="sighup", daemon=True).start()
+        reload_requested = threading.Event()
+        stop_requested = threading.Event()
+        signal.signal(signal.SIGHUP, lambda signum, frame: reload_requested.set())
+        signal.signal(signal.SIGTERM, lambda signum, frame: stop_requested.set())
+        signal.signal(signal.SIGINT, lambda signum, frame: stop_requested.set())
         self.start_side_servers()
         Milter.factory = session_class(self.app)
         milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS | Milter.SETSYMLIST)
@@ -188,8 +190,30 @@ class Daemon:
                 log.error("cannot give the socket to group %r (not root?)", c.milter.group)
         log.info("milterd %s serving %s (plugins: %s)", _version(), c.milter.listen,
                  ", ".join(self.app.dispatcher.plugin_names))
+        failure: list[BaseException] = []
+
+        def serve() -> None:
+            try:
+                milter.main()
+            except BaseException as exc:  # reported by the main thread
+                failure.append(exc)
+
+        worker = threading.Thread(target=serve, name="libmilter")
+        worker.start()
+        stopping = False
         try:
-            milter.main()
+            while worker.is_alive():
+                worker.join(0.2)  # the main thread stays free to run signal handlers
+                if reload_requested.is_set():
+                    reload_requested.clear()
+                    log.info("SIGHUP received: reloading")
+                    self.reload()
+                if stop_requested.is_set() and not stopping:
+                    stopping = True
+                    log.info("stop requested: finishing open sessions")
+                    milter.stop()
+            if failure:
+                raise failure[0]
         finally:
             for s in self._servers:
                 try:

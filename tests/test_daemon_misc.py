@@ -76,3 +76,20 @@ def test_bad_config_refuses_to_start(milterd_factory, tmp_path):
     r = subprocess.run([sys.executable, "-m", "milterd", "run", "-c", str(bad)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "milter.listen" in r.stderr
+
+
+def test_sighup_storm_never_stops_the_daemon(milterd_factory):
+    """libmilter's own signal thread treats SIGHUP as "stop"; milterd must never let it see one."""
+    from milterd.lab.net import wait_for_unix_socket
+
+    m = milterd_factory()
+    for _ in range(40):
+        m.signal(signal.SIGHUP)
+        time.sleep(0.01)
+    _wait_for(lambda: "configuration reloaded" in m.log_text())
+    assert m.proc.poll() is None, m.log_tail()
+    assert wait_for_unix_socket(m.socket_spec.split(":", 1)[1], timeout=5)
+    assert "stop requested" not in m.log_text()
+    started = time.monotonic()
+    assert m.stop() == 0
+    assert time.monotonic() - started < 10  # graceful, not the SIGKILL fallback
