@@ -61,6 +61,7 @@ class MilterSession(Milter.Base):
         self._tls_raw: tuple[Any, ...] | None = None
         self._header_count = 0
         self._rcpt_refusal: Verdict | None = None
+        self._stamp_name = self.dispatcher.config.stamp.header.lower()
 
     # -- negotiation --------------------------------------------------------------------------
     def negotiate(self, opts: list[int]) -> int:
@@ -152,6 +153,10 @@ class MilterSession(Milter.Base):
             self._header_count += 1
             if self._header_count <= _MAX_HEADERS:
                 m.headers.append((name, value[:_MAX_HEADER_VALUE]))
+            elif name.lower() == self._stamp_name:
+                # Past the cap, copies of the trace header are still recorded (empty): every
+                # forged copy must be seen to be deleted.
+                m.headers.append((name, ""))
         return self._noreply(P_NR_HDR)
 
     def eom(self) -> int:
