@@ -225,10 +225,6 @@ class Bench:
                                                  pti)
         self.add_milterd(configs, "milterd-unix", "unix")
         self.add_milterd(configs, "milterd-inet", "inet")
-        if a.single_messages:
-            # what helps over inet: TCP_NODELAY on libmilter's listening socket (inherited by
-            # accepted sockets), set from outside by bench/milterd_variant.py
-            self.add_milterd(configs, "milterd-inet-nodelay", "inet", variant=("--tcp-nodelay",))
         if a.ablation:
             self.add_milterd(configs, "milterd-nolog", "unix", disable=("message_log",))
             self.add_milterd(configs, "milterd-nods", "unix", disable=("domain_security",))
@@ -461,8 +457,7 @@ def main() -> int:
             print(f"\n# one session: smtp-source -s 1 -m {args.single_messages}, "
                   f"{args.single_rounds} rounds")
             singles = [configs[n] for n in ("none", "passthrough", "passthrough-inet",
-                                             "milterd-unix", "milterd-inet",
-                                             "milterd-inet-nodelay")]
+                                             "milterd-unix", "milterd-inet")]
             res: dict[str, list[float]] = {c.name: [] for c in singles}
             for _ in range(args.single_rounds):
                 for cfg in singles:

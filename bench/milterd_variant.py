@@ -1,7 +1,7 @@
 """``milterd run -c CONFIG`` with experimental tweaks, for the benchmark's what-if runs.
 
     python bench/milterd_variant.py CONFIG [--profile OUT.txt] [--switch-interval S]
-                                           [--queue-log] [--block-term] [--tcp-nodelay]
+                                           [--queue-log]
 
 Nothing in milterd/ is changed; each option patches the running process from outside:
 
@@ -13,13 +13,7 @@ Nothing in milterd/ is changed; each option patches the running process from out
 --switch-interval sys.setswitchinterval(S) (CPython's default is 0.005 s).
 --queue-log       the log handler milterd installs is moved behind a QueueHandler/QueueListener: the
                   libmilter threads only enqueue records, one thread formats and writes them.
---tcp-nodelay     set TCP_NODELAY on libmilter's listening inet socket right after opensocket();
-                  Linux hands it on to every accepted socket, so milterd's replies are not held
-                  back by Nagle's algorithm (libmilter writes e.g. addheader and the final reply
-                  as separate small segments).
---block-term      block SIGTERM/SIGINT in every thread before milterd starts its side threads, so
-                  libmilter's signal thread gets them (graceful stop) instead of a side thread whose
-                  default action kills the process.  Implied by --profile (the dump needs an exit).
+(TCP_NODELAY on inet listeners and the graceful SIGTERM stop are in milterd itself now.)
 """
 
 from __future__ import annotations
@@ -32,14 +26,10 @@ import logging
 import logging.handlers
 import pstats
 import queue
-import os
-import signal
-import socket
 import sys
 import threading
 
 import Milter
-import milter
 
 from milterd import adapter, daemon
 
@@ -76,39 +66,15 @@ def _queue_logging(original):
     return setup
 
 
-def _nodelay_listener(original):
-    def opensocket(rmsock):
-        result = original(rmsock)
-        for fd in map(int, os.listdir("/proc/self/fd")):
-            try:
-                s = socket.socket(fileno=fd)
-            except OSError:
-                continue
-            try:
-                if (s.family in (socket.AF_INET, socket.AF_INET6) and s.type == socket.SOCK_STREAM
-                        and s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
-                    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            finally:
-                s.detach()
-        return result
-    return opensocket
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("config")
     ap.add_argument("--profile")
     ap.add_argument("--switch-interval", type=float)
     ap.add_argument("--queue-log", action="store_true")
-    ap.add_argument("--block-term", action="store_true")
-    ap.add_argument("--tcp-nodelay", action="store_true")
     a = ap.parse_args()
-    if a.block_term or a.profile:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
     if a.switch_interval:
         sys.setswitchinterval(a.switch_interval)
-    if a.tcp_nodelay:
-        milter.opensocket = _nodelay_listener(milter.opensocket)
     if a.queue_log:
         daemon.setup_logging = _queue_logging(daemon.setup_logging)
     if a.profile:

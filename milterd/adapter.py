@@ -32,11 +32,10 @@ from milterd.verdict import Action, AddHeader, DeleteHeader, HeaderEdit, Verdict
 
 log = logging.getLogger("milterd.session")
 
-# Milter.M_* stage constants for setsymlist.
+# Macros milterd asks for, per Milter.M_* stage (one list replaces the MTA's list for that stage).
+# The queue ID ("i") reaches later stages too: libmilter keeps earlier stages' macros readable.
 _SYMLISTS = {
     Milter.M_ENVFROM: " ".join(TLS_MACROS + ("i",)),
-    Milter.M_ENVRCPT: "i",
-    Milter.M_EOM: "i",
 }
 _SKIP_STEPS = P_NOBODY | P_NODATA | P_NOEOH | P_NOUNKNOWN
 _ids = itertools.count(1)

@@ -69,6 +69,8 @@ class Dispatcher:
             self._impls[name] = [
                 _Impl(pm.get_name(i.plugin) or repr(i.plugin), i.function, tuple(i.argnames))
                 for i in reversed(caller.get_hookimpls())
+                if getattr(i.function, "milterd_only_if", None) is None
+                or i.function.milterd_only_if(config)
             ]
         self.timeout = config.milter.plugin_timeout
         if config.milter.on_error == "tempfail":

@@ -180,6 +180,9 @@ class Daemon:
             milter.opensocket(True)
         finally:
             os.umask(old_umask)
+        inet_port = _inet_port(c.milter.listen)
+        if inet_port:
+            _nodelay_listener(inet_port)
         if socket_path and c.milter.group:
             try:
                 os.chown(socket_path, -1, grp.getgrnam(c.milter.group).gr_gid)
@@ -242,6 +245,38 @@ def _unix_path(spec: str) -> str | None:
     if spec.startswith(("unix:", "local:")):
         return spec.split(":", 1)[1]
     return None
+
+
+def _inet_port(spec: str) -> int | None:
+    if spec.startswith(("inet:", "inet6:")):
+        return int(spec.split(":", 1)[1].partition("@")[0])
+    return None
+
+
+def _nodelay_listener(port: int) -> None:
+    """TCP_NODELAY on libmilter's listening socket (Linux hands it on to accepted sockets).
+
+    libmilter writes e.g. an added header and the final reply as separate small segments; with
+    Nagle each second segment waits for the MTA's delayed ACK (~40 ms a message on loopback).
+    Measured (bench/): one session over inet 88.6 -> 44.5 ms/message; the rest is the MTA's side.
+    """
+    import socket as _socket
+
+    for fd in map(int, os.listdir("/proc/self/fd")):
+        try:
+            s = _socket.socket(fileno=fd)
+        except OSError:
+            continue
+        try:
+            if (s.family in (_socket.AF_INET, _socket.AF_INET6)
+                    and s.type == _socket.SOCK_STREAM
+                    and s.getsockopt(_socket.SOL_SOCKET, _socket.SO_ACCEPTCONN)
+                    and s.getsockname()[1] == port):
+                s.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        finally:
+            s.detach()
 
 
 def _configured_cert_paths(config: Config) -> list[str]:

@@ -19,12 +19,14 @@ How the core calls hooks (it matters for plugin authors):
 * Per-connection and per-message plugin state belongs in ``connection.stash`` /
   ``message.stash`` under a module-level :class:`~milterd.session.StashKey`.
 * A stage for which no plugin has a verdict hook is negotiated as "no reply" with the MTA, which
-  is much faster; observation hooks never block the MTA.
+  is much faster; observation hooks never block the MTA.  An implementation that matters only
+  for some configurations says so with :func:`only_if`, so that it is not even loaded otherwise
+  (and its stage can be negotiated away).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 import pluggy
 
@@ -37,6 +39,25 @@ if TYPE_CHECKING:
 PROJECT = "milterd"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+def only_if(predicate: Callable[[Config], bool]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Mark a hook implementation as needed only when ``predicate(config)`` is true.
+
+    The dispatcher built for a configuration leaves the implementation out when the predicate is
+    false (evaluated once per configuration, at start and at each reload), e.g. a RCPT hook that
+    only matters when certificate pins are configured::
+
+        @hookimpl
+        @only_if(lambda config: bool(config.peer_cert.pins))
+        def milterd_rcpt_to(...): ...
+    """
+
+    def mark(function: Callable[..., Any]) -> Callable[..., Any]:
+        function.milterd_only_if = predicate  # type: ignore[attr-defined]
+        return function
+
+    return mark
 
 
 # -- lifecycle -------------------------------------------------------------------------------------

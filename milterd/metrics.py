@@ -48,7 +48,8 @@ class Metrics:
             ["plugin", "hook"], registry=r)
         self.callback_seconds = Histogram(
             "milterd_callback_duration_seconds", "Time spent in milter callbacks", ["stage"],
-            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 2.5),
+            buckets=(0.00002, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+                     0.025, 0.1, 0.5, 2.5),
             registry=r)
         self.config_reloads = Counter(
             "milterd_config_reloads", "Configuration reloads by result (ok | refused)",

@@ -10,7 +10,6 @@ trace header, milterd's own, with the true values.
 from __future__ import annotations
 
 import itertools
-import os
 import time
 
 import pytest

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import ssl
 import time
 from pathlib import Path
 

@@ -46,3 +46,22 @@ def test_every_hook_is_exercised_by_a_builtin_or_test_plugin():
     app = pathlib.Path(inspect.getfile(hookspecs)).with_name("app.py").read_text()
     for name in unused:
         assert f'"{name}"' in adapter or f'"{name}"' in app, name
+
+
+def test_only_if_leaves_out_implementations_a_config_does_not_need():
+    from milterd.app import App, build_dispatcher
+    from milterd.config import parse_config
+
+    plain = parse_config("")
+    partners = parse_config('[domain_security]\nreceive_domains = ["w.test"]\n')
+    pinned = parse_config('[domain_security]\nreceive_domains = ["w.test"]\n'
+                          '[peer_cert.pins]\n"w.test" = ["' + "AB" * 32 + '"]\n')
+    d = {name: build_dispatcher(App(c), c) for name, c in
+         (("plain", plain), ("partners", partners), ("pinned", pinned))}
+    # No receive list: Domain Security needs no stage at all (MAIL/RCPT negotiated "no reply").
+    assert not d["plain"].has_impls("milterd_mail_from")
+    assert not d["plain"].has_impls("milterd_rcpt_to")
+    # A receive list: MAIL FROM and end of message, but RCPT only when pins need the policy view.
+    assert d["partners"].has_impls("milterd_mail_from")
+    assert not d["partners"].has_impls("milterd_rcpt_to")
+    assert d["pinned"].has_impls("milterd_rcpt_to")
