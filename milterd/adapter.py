@@ -22,8 +22,8 @@ import time
 from typing import Any
 
 import Milter
-from Milter import (CONTINUE, NOREPLY, REJECT, TEMPFAIL, P_NOBODY, P_NODATA, P_NOEOH,
-                    P_NOUNKNOWN, P_NR_CONN, P_NR_HDR, P_NR_HELO, P_NR_MAIL, P_NR_RCPT)
+from Milter import (CONTINUE, NOREPLY, REJECT, TEMPFAIL, P_NOBODY, P_NOCONNECT, P_NODATA,
+                    P_NOEOH, P_NOUNKNOWN, P_NR_CONN, P_NR_HDR, P_NR_HELO, P_NR_MAIL, P_NR_RCPT)
 
 from milterd.app import App, Dispatcher
 from milterd.session import Connection, Message
@@ -35,8 +35,10 @@ log = logging.getLogger("milterd.session")
 # Macros milterd asks for, per Milter.M_* stage (one list replaces the MTA's list for that stage).
 # The queue ID ("i") reaches later stages too: libmilter keeps earlier stages' macros readable.
 _SYMLISTS = {
-    Milter.M_ENVFROM: " ".join(TLS_MACROS + ("i",)),
+    Milter.M_ENVFROM: " ".join(TLS_MACROS + ("i", "{client_addr}", "{client_port}",
+                                            "{client_name}")),
 }
+_CLIENT_MACROS = ("{client_addr}", "{client_port}", "{client_name}")
 _SKIP_STEPS = P_NOBODY | P_NODATA | P_NOEOH | P_NOUNKNOWN
 _ids = itertools.count(1)
 _MAX_HEADERS = 2000          # beyond this, headers are counted but not kept (memory bound)
@@ -66,6 +68,10 @@ class MilterSession(Milter.Base):
     def negotiate(self, opts: list[int]) -> int:
         actions, offered, _f1, _f2 = opts
         want = _SKIP_STEPS | P_NR_CONN | P_NR_HELO | P_NR_HDR
+        if not self.dispatcher.has_impls("milterd_connect"):
+            # Nobody observes the connect stage: skip the callback (one C->Python crossing a
+            # connection less); the client's address and port come as macros with MAIL FROM.
+            want |= P_NOCONNECT
         if not self.dispatcher.has_impls("milterd_mail_from"):
             want |= P_NR_MAIL
         if not self.dispatcher.has_impls("milterd_rcpt_to"):
@@ -106,6 +112,8 @@ class MilterSession(Milter.Base):
         start = time.perf_counter()
         try:
             self._finish_refused()
+            if self.connection.client_address is None:
+                self._client_from_macros()
             self._refresh_tls()
             self.message = Message(sender=mailfrom, queue_id=self.getsymval("i") or None)
             self._header_count = 0
@@ -219,6 +227,13 @@ class MilterSession(Milter.Base):
         return CONTINUE
 
     # -- helpers -------------------------------------------------------------------------------
+    def _client_from_macros(self) -> None:
+        c = self.connection
+        addr, port, name = (self.getsymval(m) for m in _CLIENT_MACROS)
+        c.client_address = addr or None
+        c.client_port = int(port) if port and port.isdigit() else None
+        c.client_name = c.client_name or name or None
+
     def _refresh_tls(self) -> None:
         raw = tuple(self.getsymval(name) for name in TLS_MACROS)
         if raw == self._tls_raw:

@@ -55,12 +55,28 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
+class TextFormatter(logging.Formatter):
+    """Plain lines; structured ``fields`` (if any) follow as ``key=value``, strings repr-quoted so
+    a peer-chosen value (a certificate name with CR/LF) cannot start a forged log line."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            text += " " + " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}"
+                                   for k, v in fields.items() if v is not None)
+        return text
+
+
 def setup_logging(config: Config, log_format: str | None = None) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if (log_format or config.log.format) == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.log.level.upper())

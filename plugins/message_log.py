@@ -1,7 +1,8 @@
 """Built-in plugin: one structured log line per message (the milter's verbose protocol log).
 
-With ``--log-format json`` the fields are JSON keys; in text mode they are ``key=value`` pairs.
-Peer-supplied values are repr-quoted in text mode so they cannot forge log lines.
+With ``--log-format json`` the fields are JSON keys; in text mode they are ``key=value`` pairs
+(rendered by :class:`milterd.daemon.TextFormatter`, which repr-quotes peer-supplied strings so
+they cannot forge log lines).
 """
 
 from __future__ import annotations
@@ -40,6 +41,5 @@ def milterd_message_done(connection, message, verdict):
         "domain": result.domain,
         "reason": result.reason or (verdict.reason or None),
     }
-    text = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}"
-                    for k, v in fields.items() if v is not None)
-    log.info("message %s", text, extra={"fields": fields})
+    # The formatter renders the fields (key=value in text mode, keys in JSON mode).
+    log.info("message", extra={"fields": fields})
