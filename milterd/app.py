@@ -28,10 +28,6 @@ log = logging.getLogger("milterd")
 
 PLUGIN_ERROR = "plugin_error"
 
-# Hooks whose implementations give verdicts: when a stage has none, the adapter tells the MTA
-# not to wait for a reply at that stage.
-VERDICT_HOOKS = ("milterd_mail_from", "milterd_rcpt_to", "milterd_end_of_message")
-
 
 class App:
     """Process-wide state handed to every hook as ``app``."""

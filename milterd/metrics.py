@@ -16,9 +16,6 @@ from milterd import __version__
 
 log = logging.getLogger("milterd.metrics")
 
-OTHER = "other"
-
-
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)

@@ -277,10 +277,9 @@ class Helo:
 
 
 @dataclass(frozen=True)
-class MailFrom:
-    """SMFIC_MAIL: ``<addr>`` then ESMTP parameters."""
+class _EnvelopeCommand:
+    """``<addr>`` then ESMTP parameters (SMFIC_MAIL and SMFIC_RCPT share the layout)."""
 
-    CODE: ClassVar[bytes] = b"M"
     address: str
     args: tuple[str, ...] = ()
 
@@ -288,28 +287,27 @@ class MailFrom:
         return b"".join(_cstr(s) for s in (self.address, *self.args))
 
     @classmethod
-    def parse(cls, payload: bytes) -> "MailFrom":
+    def parse(cls, payload: bytes) -> "_EnvelopeCommand":
         parts = _split_cstrs(payload)
         if not parts:
-            raise MilterProtocolError("MAIL: empty")
+            raise MilterProtocolError("%s: empty" % cls.LABEL)  # type: ignore[attr-defined]
         return cls(parts[0], tuple(parts[1:]))
 
 
 @dataclass(frozen=True)
-class RcptTo:
+class MailFrom(_EnvelopeCommand):
+    """SMFIC_MAIL."""
+
+    CODE: ClassVar[bytes] = b"M"
+    LABEL: ClassVar[str] = "MAIL"
+
+
+@dataclass(frozen=True)
+class RcptTo(_EnvelopeCommand):
+    """SMFIC_RCPT."""
+
     CODE: ClassVar[bytes] = b"R"
-    address: str
-    args: tuple[str, ...] = ()
-
-    def payload(self) -> bytes:
-        return b"".join(_cstr(s) for s in (self.address, *self.args))
-
-    @classmethod
-    def parse(cls, payload: bytes) -> "RcptTo":
-        parts = _split_cstrs(payload)
-        if not parts:
-            raise MilterProtocolError("RCPT: empty")
-        return cls(parts[0], tuple(parts[1:]))
+    LABEL: ClassVar[str] = "RCPT"
 
 
 @dataclass(frozen=True)
