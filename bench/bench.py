@@ -223,6 +223,19 @@ class Bench:
             self.procs.append(pti)
             configs["passthrough-inet"] = Config("passthrough-inet", f"inet:127.0.0.1:{pt_port}",
                                                  pti)
+        for name in a.configs.split(","):
+            # passthrough-mail, passthrough-helo+mail+rcpt+header, ...: the pass-through also
+            # subscribed to those stages (what each stage costs any pymilter milter)
+            if name.startswith("passthrough-") and name != "passthrough-inet":
+                stages = name.split("-", 1)[1].replace("+", ",")
+                sock = self.root / name / "pt.sock"
+                sock.parent.mkdir()
+                os.chmod(sock.parent, 0o755)
+                p = Proc([sys.executable, str(REPO / "bench" / "passthrough_milter.py"),
+                          f"unix:{sock}", "--stages", stages], self.root / f"{name}.log",
+                         lambda sock=sock: wait_for_unix_socket(sock, 15))
+                self.procs.append(p)
+                configs[name] = Config(name, f"unix:{sock}", p)
         self.add_milterd(configs, "milterd-unix", "unix")
         self.add_milterd(configs, "milterd-inet", "inet")
         if a.ablation:
@@ -398,6 +411,9 @@ def main() -> int:
     ap.add_argument("--experiments", action="store_true",
                     help="also run milterd with a 1 ms GIL switch interval, with queued logging, "
                          "and both (bench/milterd_variant.py)")
+    ap.add_argument("--stage-cpu", type=int, default=0, metavar="ROUNDS",
+                    help="extra runs through milterd with CPU time per libmilter entry point "
+                         "(bench/milterd_variant.py --stage-cpu)")
     ap.add_argument("--keep", action="store_true", help="keep the lab directory")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -473,6 +489,8 @@ def main() -> int:
 
         if args.profile_rounds:
             profile(b, configs, args)
+        if args.stage_cpu:
+            stage_cpu(b, configs, args)
     finally:
         b.stop()
     return 0
@@ -548,6 +566,32 @@ def profile(b: Bench, configs: dict, args: argparse.Namespace) -> None:
     b.procs.remove(cfg.proc)
     print("\n# cProfile of milterd's callbacks (all libmilter threads merged)")
     print(out.read_text() if out.exists() else "no profile written")
+
+
+def stage_cpu(b: Bench, configs: dict, args: argparse.Namespace) -> None:
+    out = b.root / "stage-cpu.txt"
+    cfg = b.add_milterd(configs, "milterd-stagecpu", "unix", variant=("--stage-cpu", str(out)))
+    total_msgs = 0
+    cpus = []
+    for _ in range(args.stage_cpu):
+        rate, cpu = b.measured_run(cfg, args.sessions, args.messages)
+        total_msgs += args.messages
+        cpus.append(cpu)
+    b.switch(configs["none"])
+    cfg.proc.stop(60)
+    b.procs.remove(cfg.proc)
+    total_msgs += 100  # the warm-up run after switching is counted by the process too
+    print(f"\n# milterd CPU by entry point (thread CPU time, {total_msgs} messages incl. "
+          f"warm-up; whole process {statistics.median(cpus) * 1000:.0f} us/msg)")
+    rows = [line.rsplit(None, 2) for line in out.read_text().splitlines()] if out.exists() else []
+    inside = 0.0
+    for name, calls, total in sorted(rows, key=lambda r: r[0].strip()):
+        per_msg = float(total) * 1e6 / total_msgs
+        if not name.startswith(" "):
+            inside += per_msg
+        print(f"  {name:20s} calls/msg {int(calls) / total_msgs:5.2f}  {per_msg:7.1f} us/msg  "
+              f"{float(total) * 1e6 / max(int(calls), 1):7.1f} us/call")
+    print(f"  {'in Python callbacks':20s} {inside:24.1f} us/msg")
 
 
 if __name__ == "__main__":

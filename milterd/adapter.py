@@ -34,11 +34,11 @@ log = logging.getLogger("milterd.session")
 
 # Macros milterd asks for, per Milter.M_* stage (one list replaces the MTA's list for that stage).
 # The queue ID ("i") reaches later stages too: libmilter keeps earlier stages' macros readable.
-_SYMLISTS = {
-    Milter.M_ENVFROM: " ".join(TLS_MACROS + ("i", "{client_addr}", "{client_port}",
-                                            "{client_name}")),
-}
+# One tuple, read with one map() at MAIL FROM: TLS macros first, then the queue ID and the client.
 _CLIENT_MACROS = ("{client_addr}", "{client_port}", "{client_name}")
+_ENVFROM_MACROS = TLS_MACROS + ("i",) + _CLIENT_MACROS
+_N_TLS = len(TLS_MACROS)
+_SYMLISTS = {Milter.M_ENVFROM: " ".join(_ENVFROM_MACROS)}
 _SKIP_STEPS = P_NOBODY | P_NODATA | P_NOEOH | P_NOUNKNOWN
 _ids = itertools.count(1)
 _MAX_HEADERS = 2000          # beyond this, headers are counted but not kept (memory bound)
@@ -63,6 +63,13 @@ class MilterSession(Milter.Base):
         self._header_count = 0
         self._rcpt_refusal: Verdict | None = None
         self._stamp_name = self.dispatcher.config.stamp.header.lower()
+        # replies for stages where no plugin speaks (set per connection by negotiate())
+        self._helo_ok = self._mail_ok = self._rcpt_ok = self._header_ok = CONTINUE
+        has = self.dispatcher.has_impls
+        self._helo_hooks = has("milterd_helo")
+        self._mail_hooks = has("milterd_mail_from")
+        self._rcpt_hooks = has("milterd_rcpt_to")
+        self._close_hooks = has("milterd_close")
 
     # -- negotiation --------------------------------------------------------------------------
     def negotiate(self, opts: list[int]) -> int:
@@ -72,11 +79,16 @@ class MilterSession(Milter.Base):
             # Nobody observes the connect stage: skip the callback (one C->Python crossing a
             # connection less); the client's address and port come as macros with MAIL FROM.
             want |= P_NOCONNECT
-        if not self.dispatcher.has_impls("milterd_mail_from"):
+        if not self._mail_hooks:
             want |= P_NR_MAIL
-        if not self.dispatcher.has_impls("milterd_rcpt_to"):
+        if not self._rcpt_hooks:
             want |= P_NR_RCPT
         self._protocol = offered & want
+        # The "nothing to say" replies, worked out once per connection, not per callback.
+        self._helo_ok = self._noreply(P_NR_HELO)
+        self._mail_ok = self._noreply(P_NR_MAIL)
+        self._rcpt_ok = self._noreply(P_NR_RCPT)
+        self._header_ok = self._noreply(P_NR_HDR)
         self._actions = actions & (Milter.ADDHDRS | Milter.CHGHDRS | Milter.SETSYMLIST)
         opts[0] = self._actions
         opts[1] = self._protocol
@@ -101,58 +113,71 @@ class MilterSession(Milter.Base):
         self._observe("connect", start)
         return self._noreply(P_NR_CONN)
 
+    # The callback latency histogram covers the stages where plugins run; a stage nobody hooks is
+    # a few attribute stores, and timing it would cost more than it does.
     def hello(self, heloname: str) -> int:
-        start = time.perf_counter()
         self.connection.helo = heloname
-        self.dispatcher.notify("milterd_helo", connection=self.connection)
-        self._observe("helo", start)
-        return self._noreply(P_NR_HELO)
+        if self._helo_hooks:
+            start = time.perf_counter()
+            self.dispatcher.notify("milterd_helo", connection=self.connection)
+            self._observe("helo", start)
+        return self._helo_ok
+
+    # pymilter's *_bytes entry points look up a decoding strategy on every call; ours is fixed:
+    # UTF-8 with surrogateescape (8-bit junk survives, round-trips, and never raises).
+    def envfrom_bytes(self, *args: bytes) -> int:
+        return self.envfrom(*[a.decode("utf-8", "surrogateescape") for a in args])
+
+    def envrcpt_bytes(self, *args: bytes) -> int:
+        return self.envrcpt(*[a.decode("utf-8", "surrogateescape") for a in args])
+
+    def header_bytes(self, name: str, value: bytes) -> int:
+        return self.header(name, value.decode("utf-8", "surrogateescape"))
 
     def envfrom(self, mailfrom: str, *params: str) -> int:
         start = time.perf_counter()
         try:
             self._finish_refused()
+            raw = tuple(map(self._ctx.getsymval, _ENVFROM_MACROS))
             if self.connection.client_address is None:
-                self._client_from_macros()
-            self._refresh_tls()
-            self.message = Message(sender=mailfrom, queue_id=self.getsymval("i") or None)
+                self._client_from_macros(raw[_N_TLS + 1:])
+            self._refresh_tls(raw[:_N_TLS])
+            self.message = Message(sender=mailfrom, queue_id=raw[_N_TLS] or None)
             self._header_count = 0
             self._rcpt_refusal = None
-            if not self.dispatcher.has_impls("milterd_mail_from"):
-                return self._noreply(P_NR_MAIL)
+            if not self._mail_hooks:
+                return self._mail_ok
             verdict = self.dispatcher.verdict("milterd_mail_from", self.connection, self.message)
             if verdict.action is not Action.CONTINUE:
                 self.dispatcher.notify("milterd_message_done", connection=self.connection,
                                        message=self.message, verdict=verdict)
                 self.message = None
+            self._observe("mail", start)
             return self._reply(verdict, P_NR_MAIL)
         except Exception:
             return self._internal_error("envfrom")
-        finally:
-            self._observe("mail", start)
 
     def envrcpt(self, to: str, *params: str) -> int:
+        m = self.message
+        if m is None:  # cannot happen with a well-behaved MTA; never accept blindly
+            return self._internal_error("envrcpt without envfrom")
+        m.recipients.append(to)
+        if not self._rcpt_hooks:
+            return self._rcpt_ok
         start = time.perf_counter()
         try:
-            m = self.message
-            if m is None:  # cannot happen with a well-behaved MTA; never accept blindly
-                return self._internal_error("envrcpt without envfrom")
-            m.recipients.append(to)
             if m.queue_id is None:
                 m.queue_id = self.getsymval("i") or None
             self._join_policy_view()
-            if not self.dispatcher.has_impls("milterd_rcpt_to"):
-                return self._noreply(P_NR_RCPT)
             verdict = self.dispatcher.verdict("milterd_rcpt_to", self.connection, m,
                                               recipient=to)
             if verdict.action is not Action.CONTINUE:
                 m.recipients.pop()
                 self._rcpt_refusal = verdict
+            self._observe("rcpt", start)
             return self._reply(verdict, P_NR_RCPT)
         except Exception:
             return self._internal_error("envrcpt")
-        finally:
-            self._observe("rcpt", start)
 
     def header(self, name: str, value: str) -> int:
         m = self.message
@@ -164,7 +189,7 @@ class MilterSession(Milter.Base):
                 # Past the cap, copies of the trace header are still recorded (empty): every
                 # forged copy must be seen to be deleted.
                 m.headers.append((name, ""))
-        return self._noreply(P_NR_HDR)
+        return self._header_ok
 
     def eom(self) -> int:
         start = time.perf_counter()
@@ -172,7 +197,7 @@ class MilterSession(Milter.Base):
             m = self.message
             if m is None:
                 return self._internal_error("eom without envfrom")
-            m.queue_id = self.getsymval("i") or m.queue_id
+            m.queue_id = self._ctx.getsymval("i") or m.queue_id
             self._join_policy_view()
             if self._header_count > _MAX_HEADERS:
                 log.warning("conn=%s queue_id=%s: %d headers, only the first %d given to plugins",
@@ -218,24 +243,24 @@ class MilterSession(Milter.Base):
         try:
             self._finish_refused()
             c = self.connection
-            self.app.metrics.tls_sessions.labels(
-                version=c.tls.version or "none", verify=c.tls.verify.value).inc()
-            self.dispatcher.notify("milterd_close", connection=c)
+            metrics = self.app.metrics
+            metrics.child(metrics.tls_sessions, c.tls.version or "none", c.tls.verify.value).inc()
+            if self._close_hooks:
+                self.dispatcher.notify("milterd_close", connection=c)
             self.app.policy_views.forget(c.client_address, c.client_port)
         except Exception:
             log.exception("conn=%s: error while closing", self.connection.id)
         return CONTINUE
 
     # -- helpers -------------------------------------------------------------------------------
-    def _client_from_macros(self) -> None:
+    def _client_from_macros(self, values: tuple[str | None, ...]) -> None:
         c = self.connection
-        addr, port, name = (self.getsymval(m) for m in _CLIENT_MACROS)
+        addr, port, name = values
         c.client_address = addr or None
         c.client_port = int(port) if port and port.isdigit() else None
         c.client_name = c.client_name or name or None
 
-    def _refresh_tls(self) -> None:
-        raw = tuple(self.getsymval(name) for name in TLS_MACROS)
+    def _refresh_tls(self, raw: tuple[str | None, ...]) -> None:
         if raw == self._tls_raw:
             return  # same TLS state as the previous transaction on this connection
         self._tls_raw = raw

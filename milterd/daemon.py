@@ -61,6 +61,16 @@ class TextFormatter(logging.Formatter):
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self._second: tuple[int, str] = (-1, "")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        # strftime once per second, not once per line (a line per message is the hot path)
+        second = int(record.created)
+        cached = self._second
+        if cached[0] != second:
+            cached = self._second = (second, time.strftime("%Y-%m-%d %H:%M:%S",
+                                                           self.converter(record.created)))
+        return f"{cached[1]},{int(record.msecs):03d}"
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
@@ -72,6 +82,8 @@ class TextFormatter(logging.Formatter):
 
 
 def setup_logging(config: Config, log_format: str | None = None) -> None:
+    # Neither formatter prints thread or process fields: don't compute them for every record.
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     if (log_format or config.log.format) == "json":
         handler.setFormatter(JsonFormatter())

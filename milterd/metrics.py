@@ -58,14 +58,20 @@ class Metrics:
         self.build_info.labels(version=__version__).set(1)
         for verdict in ("accept", "reject", "tempfail"):
             self.messages.labels(verdict=verdict)  # export zeros: alerts need the series
-        # Cached children: label lookups are not free on the per-message path.
-        self._callback_children: dict[str, object] = {}
+        # Children of labelled metrics, cached: labels() validates and locks on every call, too
+        # dear for the per-message path.  Keys are bounded because label values are (see top).
+        self._children: dict[tuple, object] = {}
+
+    def child(self, metric, *values: str):
+        """``metric.labels(*values)``, cached; for the per-message path."""
+        key = (id(metric), values)
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = metric.labels(*values)
+        return c
 
     def observe_callback(self, stage: str, seconds: float) -> None:
-        child = self._callback_children.get(stage)
-        if child is None:
-            child = self._callback_children[stage] = self.callback_seconds.labels(stage=stage)
-        child.observe(seconds)  # type: ignore[attr-defined]
+        self.child(self.callback_seconds, stage).observe(seconds)
 
     def prime_domains(self, receive_domains: tuple[str, ...], send_domains: tuple[str, ...]) -> None:
         """Export zero-valued series for configured domains, so rate() and alerts see them."""

@@ -175,6 +175,17 @@ def domain_listed(domain: str, entries: Iterable[str]) -> str | None:
     itself).  An exact entry wins over dot entries; among dot entries the most specific wins,
     so the answer does not depend on list order.  Invalid entries are ignored.
     """
+    if isinstance(domain, str) and isinstance(entries, tuple):
+        return _domain_listed_cached(domain, entries)  # config lists are tuples
+    return _domain_listed(domain, entries)
+
+
+@functools.lru_cache(maxsize=8192)  # pure; per message and per recipient domain (bounded)
+def _domain_listed_cached(domain: str, entries: tuple) -> str | None:
+    return _domain_listed(domain, entries)
+
+
+def _domain_listed(domain: str, entries: Iterable[str]) -> str | None:
     dom = _labels(domain)
     if dom is None:
         return None

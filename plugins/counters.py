@@ -15,11 +15,11 @@ from milterd.verdict import Action
 @hookimpl
 def milterd_message_done(app, message, verdict):
     m = app.metrics
-    m.messages.labels(verdict=verdict.metric_name).inc()
+    m.child(m.messages, verdict.metric_name).inc()
     result = message.stash.get(ds.RESULT_KEY)
     if result is None or result.domain is None:
         return
     if result.status == ds.FAIL:
-        m.domain_security_failures.labels(domain=result.domain, reason=result.reason).inc()
+        m.child(m.domain_security_failures, result.domain, result.reason).inc()
     elif result.status == ds.PASS and verdict.action is Action.CONTINUE:
-        m.domain_secured_received.labels(domain=result.domain).inc()
+        m.child(m.domain_secured_received, result.domain).inc()

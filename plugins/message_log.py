@@ -17,6 +17,8 @@ log = logging.getLogger("milterd.message")
 
 @hookimpl(trylast=True)
 def milterd_message_done(connection, message, verdict):
+    if not log.isEnabledFor(logging.INFO):
+        return
     tls = connection.tls
     result = message.stash.get(ds.RESULT_KEY) or ds.NOT_COVERED
     fields = {
@@ -41,5 +43,8 @@ def milterd_message_done(connection, message, verdict):
         "domain": result.domain,
         "reason": result.reason or (verdict.reason or None),
     }
-    # The formatter renders the fields (key=value in text mode, keys in JSON mode).
-    log.info("message", extra={"fields": fields})
+    # The formatter renders the fields (key=value in text mode, keys in JSON mode).  Built with
+    # makeRecord+handle rather than log.info: a line per message should not pay for walking the
+    # stack to find the caller's file and line, which this line does not print.
+    log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, "message", (), None,
+                              extra={"fields": fields}))
