@@ -13,6 +13,7 @@ ID and a counter — never a crash and never exception text in an SMTP reply.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any, Callable
 
@@ -38,6 +39,22 @@ class App:
         self.stash = Stash()
         self.dispatcher: Dispatcher | None = None
         self.config = config
+        self._open_sessions = 0
+        self._sessions_lock = threading.Lock()
+        self.metrics.sessions_open.set_function(lambda: self.open_sessions)
+
+    # MTA connections being served: a graceful stop waits for them (see Daemon.run).
+    @property
+    def open_sessions(self) -> int:
+        return self._open_sessions
+
+    def session_opened(self) -> None:
+        with self._sessions_lock:
+            self._open_sessions += 1
+
+    def session_closed(self) -> None:
+        with self._sessions_lock:
+            self._open_sessions -= 1
 
 
 class _Impl:

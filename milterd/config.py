@@ -44,6 +44,7 @@ class MilterConfig:
     on_error: str = "tempfail"
     timeout: int = 30
     plugin_timeout: float = 5.0
+    stop_grace: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,10 @@ def parse_config(text: str, *, source: str = "<string>") -> Config:
                 v.get("milter.plugin_timeout", (int, float), MilterConfig.plugin_timeout,
                       check=_positive)
             ),
+            stop_grace=float(
+                v.get("milter.stop_grace", (int, float), MilterConfig.stop_grace,
+                      check=_non_negative)
+            ),
         ),
         log=LogConfig(
             format=v.choice("log.format", ("text", "json"), LogConfig.format),
@@ -205,7 +210,7 @@ def parse_config(text: str, *, source: str = "<string>") -> Config:
 # -- validation helpers -------------------------------------------------------------------------
 
 _KNOWN_KEYS = {
-    "milter": {"listen", "group", "on_error", "timeout", "plugin_timeout"},
+    "milter": {"listen", "group", "on_error", "timeout", "plugin_timeout", "stop_grace"},
     "log": {"format", "level"},
     "policy": {"listen"},
     "socketmap": {"listen"},

@@ -28,7 +28,7 @@ from typing import Any
 import Milter
 import milter
 
-from milterd.adapter import session_class
+from milterd.adapter import LIBMILTER_MODE, session_class
 from milterd.app import App, Dispatcher, build_dispatcher
 from milterd.config import Config, ConfigError, load_config
 from milterd.metrics import MetricsServer
@@ -219,8 +219,12 @@ class Daemon:
                           c.milter.group)
             except PermissionError:
                 log.error("cannot give the socket to group %r (not root?)", c.milter.group)
-        log.info("milterd %s serving %s (plugins: %s)", _version(), c.milter.listen,
-                 ", ".join(self.app.dispatcher.plugin_names))
+        log.info("milterd %s serving %s (plugins: %s; libmilter: %s)", _version(),
+                 c.milter.listen, ", ".join(self.app.dispatcher.plugin_names), LIBMILTER_MODE)
+        self.app.metrics.set_build_info(LIBMILTER_MODE)
+        if LIBMILTER_MODE == "pool":
+            log.info("pymilter uses a worker-pool libmilter (Debian's build): ~30%% more CPU "
+                     "per message than scripts/build-libmilter.sh's thread-per-connection one")
         failure: list[BaseException] = []
 
         def serve() -> None:
@@ -245,6 +249,7 @@ class Daemon:
                     milter.stop()
             if failure:
                 raise failure[0]
+            self._wait_for_sessions()
         finally:
             for s in self._servers:
                 try:
@@ -253,6 +258,29 @@ class Daemon:
                     log.exception("while stopping %r", s)
             log.info("milterd stopped")
         return 0
+
+
+    def _wait_for_sessions(self) -> None:
+        """After libmilter stopped accepting: let open sessions finish, up to ``stop_grace``.
+
+        With a thread-per-connection libmilter (scripts/build-libmilter.sh) their threads keep
+        serving after smfi_main() returns; exiting at once would cut them (the MTA then tempfails
+        those messages, so nothing is lost, but a graceful stop should not cause retries).
+        Debian's worker-pool build ends its sessions itself when stopped.
+        """
+        if LIBMILTER_MODE == "pool":
+            return
+        grace = self.config.milter.stop_grace
+        deadline = time.monotonic() + grace
+        if self.app.open_sessions > 0:
+            log.info("waiting up to %.0fs for %d open session(s)", grace, self.app.open_sessions)
+        while self.app.open_sessions > 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.app.open_sessions > 0:
+            log.warning("stop_grace over: %d session(s) still open are cut (the MTA tempfails "
+                        "them)", self.app.open_sessions)
+
+
 
 
 def _set_callbacks() -> None:

@@ -48,14 +48,17 @@ class Metrics:
             buckets=(0.00002, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
                      0.025, 0.1, 0.5, 2.5),
             registry=r)
+        self.sessions_open = Gauge(
+            "milterd_sessions_open", "MTA connections being served now", registry=r)
         self.config_reloads = Counter(
             "milterd_config_reloads", "Configuration reloads by result (ok | refused)",
             ["result"], registry=r)
         self.certificate_expiry = Gauge(
             "milterd_certificate_expiry_timestamp_seconds", "notAfter of certificates named in "
             "the configuration", ["path", "subject"], registry=r)
-        self.build_info = Gauge("milterd_build_info", "Build information", ["version"], registry=r)
-        self.build_info.labels(version=__version__).set(1)
+        self.build_info = Gauge("milterd_build_info", "Build information (libmilter: threads | "
+                                "pool, see README Performance)", ["version", "libmilter"],
+                                registry=r)
         for verdict in ("accept", "reject", "tempfail"):
             self.messages.labels(verdict=verdict)  # export zeros: alerts need the series
         # Children of labelled metrics, cached: labels() validates and locks on every call, too
@@ -69,6 +72,9 @@ class Metrics:
         if c is None:
             c = self._children[key] = metric.labels(*values)
         return c
+
+    def set_build_info(self, libmilter: str) -> None:
+        self.build_info.labels(version=__version__, libmilter=libmilter).set(1)
 
     def observe_callback(self, stage: str, seconds: float) -> None:
         self.child(self.callback_seconds, stage).observe(seconds)

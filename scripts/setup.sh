@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Idempotent set-up of everything milterd and its tests need on a fresh Debian machine:
 # Debian's postfix (never started by the package), libmilter-dev (for pymilter), swaks, openssl,
-# and a virtualenv at .venv with milterd installed in editable mode plus the test extras.
+# and a virtualenv at .venv with milterd installed in editable mode plus the test extras, whose
+# pymilter is linked to a thread-per-connection libmilter (scripts/build-libmilter.sh: Debian's
+# worker-pool build costs milterd ~30% more CPU per message; README "Performance").
+# MILTERD_LIBMILTER=debian keeps pymilter on Debian's libmilter instead.
 # Safe to run again: each step checks before it acts.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 
-need_pkgs=(postfix libmilter-dev swaks openssl gcc libc6-dev m4 iproute2 procps prometheus systemd)
+need_pkgs=(postfix libmilter-dev swaks openssl gcc libc6-dev m4 make binutils patch xz-utils curl
+           iproute2 procps prometheus systemd)
 missing=()
 for p in "${need_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -29,4 +33,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q -e ".[test]"
   touch "$stamp"
+fi
+if [ "${MILTERD_LIBMILTER:-threads}" != debian ]; then
+  bash scripts/build-libmilter.sh .venv
 fi

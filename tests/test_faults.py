@@ -203,3 +203,40 @@ def test_plugin_raising_on_every_tenth_message_tempfails_exactly_those(
     log = m.log_text()
     assert log.count("plugin testplugins.raise_every_tenth failed in milterd_end_of_message") \
         == total // 10
+
+
+def test_sigterm_lets_an_open_session_finish(milterd_factory, postfix_factory):
+    """A graceful stop: libmilter stops accepting, the session already in progress completes
+    (delivered, stamped), then milterd exits 0 — no tempfail, no retry caused by the stop."""
+    import smtplib
+
+    from milterd.adapter import LIBMILTER_MODE
+
+    if LIBMILTER_MODE != "threads":
+        pytest.fail("needs the thread-per-connection libmilter (scripts/build-libmilter.sh)")
+    m = milterd_factory()
+    pf = postfix_factory(m.socket_spec)
+    s = smtplib.SMTP("127.0.0.1", pf.port, timeout=60)
+    try:
+        s.ehlo("client.fabrikam.test")
+        assert s.mail(SENDER)[0] == 250           # milterd is serving this session now
+        m.signal(signal.SIGTERM)
+        # libmilter has stopped accepting and milterd waits for this one open session
+        deadline = time.monotonic() + 30
+        while "waiting up to 30s for 1 open session" not in m.log_text():
+            assert time.monotonic() < deadline, m.log_tail()
+            time.sleep(0.05)
+        assert s.rcpt(RCPT)[0] == 250
+        code, reply = s.data(make_message(SENDER, RCPT, "during stop"))
+        assert code == 250, reply
+        s.quit()
+    finally:
+        s.close()
+    assert m.proc.wait(40) == 0
+    assert "stop_grace over" not in m.log_text()
+    delivered = [d for d in _wait_all_delivered(pf, 1) if d["Subject"] == "during stop"]
+    assert len(delivered) == 1
+    _assert_stamped_once(delivered)
+    # and it is really gone: the next client is tempfailed by Postfix (milter unreachable)
+    r = send(pf.port, SENDER, [RCPT], make_message(SENDER, RCPT, "after stop"))
+    assert not r.accepted and r.code // 100 == 4, r
