@@ -238,6 +238,17 @@ class Bench:
                 configs[name] = Config(name, f"unix:{sock}", p)
         self.add_milterd(configs, "milterd-unix", "unix")
         self.add_milterd(configs, "milterd-inet", "inet")
+        if a.pool_python:
+            # the same two milters on Debian's worker-pool libmilter (another venv's pymilter)
+            sock = self.root / "passthrough-pool" / "pt.sock"
+            sock.parent.mkdir()
+            os.chmod(sock.parent, 0o755)
+            p = Proc([a.pool_python, str(REPO / "bench" / "passthrough_milter.py"),
+                      f"unix:{sock}"], self.root / "passthrough-pool.log",
+                     lambda: wait_for_unix_socket(sock, 15))
+            self.procs.append(p)
+            configs["passthrough-pool"] = Config("passthrough-pool", f"unix:{sock}", p)
+            self.add_milterd(configs, "milterd-pool", "unix", python=a.pool_python)
         if a.ablation:
             self.add_milterd(configs, "milterd-nolog", "unix", disable=("message_log",))
             self.add_milterd(configs, "milterd-nods", "unix", disable=("domain_security",))
@@ -253,7 +264,7 @@ class Bench:
         return configs
 
     def add_milterd(self, configs: dict, name: str, kind: str, *, disable: tuple = (),
-                    variant: tuple[str, ...] = ()) -> Config:
+                    variant: tuple[str, ...] = (), python: str = sys.executable) -> Config:
         """milterd with every built-in plugin (minus ``disable``); ``variant``: options of
         bench/milterd_variant.py (tweaks applied from outside, milterd itself unchanged)."""
         d = self.root / name
@@ -273,7 +284,8 @@ class Bench:
             mp = Proc([sys.executable, str(REPO / "bench" / "milterd_variant.py"),
                        str(d / "milterd.toml"), *variant], d / "milterd.log", ready)
         else:
-            mp = MilterdProcess(d / "milterd.toml", spec, log_path=d / "milterd.log").start()
+            mp = MilterdProcess(d / "milterd.toml", spec, log_path=d / "milterd.log",
+                                python=python).start()
         self.procs.append(mp)
         if not wait_for_port("127.0.0.1", mport, 15):
             raise RuntimeError("milterd metrics did not come up")
@@ -411,6 +423,9 @@ def main() -> int:
     ap.add_argument("--experiments", action="store_true",
                     help="also run milterd with a 1 ms GIL switch interval, with queued logging, "
                          "and both (bench/milterd_variant.py)")
+    ap.add_argument("--pool-python", metavar="PYTHON",
+                    help="a venv's python whose pymilter uses Debian's worker-pool libmilter: "
+                         "adds passthrough-pool and milterd-pool (see bench/README.md)")
     ap.add_argument("--stage-cpu", type=int, default=0, metavar="ROUNDS",
                     help="extra runs through milterd with CPU time per libmilter entry point "
                          "(bench/milterd_variant.py --stage-cpu)")
@@ -427,6 +442,8 @@ def main() -> int:
         extra = (("milterd-nolog", "milterd-nods", "milterd-nostamp", "milterd-noplugins")
                  if args.ablation else ()) + (
             ("milterd-si1ms", "milterd-qlog", "milterd-qlog-si1ms") if args.experiments else ())
+        if args.pool_python:
+            extra += ("passthrough-pool", "milterd-pool")
         order += [configs[n] for n in extra if configs[n] not in order]
         print(f"# {args.rounds} rounds x {len(order)} configs, smtp-source -s {args.sessions} "
               f"-m {args.messages} -l {args.size}; Postfix {postfix_version()}; "

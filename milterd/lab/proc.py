@@ -16,8 +16,10 @@ class MilterdProcess:
     """``milterd run -c CONFIG`` in the background; ``start()`` returns once the socket answers."""
 
     def __init__(self, config_path: Path, socket_spec: str, *, log_path: Path,
-                 extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None):
+                 extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None,
+                 python: str = sys.executable):
         self.config_path = config_path
+        self.python = python
         self.socket_spec = socket_spec
         self.log_path = log_path
         self.extra_args = extra_args
@@ -35,7 +37,7 @@ class MilterdProcess:
         if self.env:
             env.update(self.env)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "milterd", "run", "-c", str(self.config_path),
+            [self.python, "-m", "milterd", "run", "-c", str(self.config_path),
              *self.extra_args], stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
         if not self.wait_ready(timeout):
