@@ -27,6 +27,9 @@ DEBREV=2+deb12u2                # the libmilter1.0.1/libmilter-dev version insta
 POOL=http://deb.debian.org/debian/pool/main/s/sendmail
 DSC=sendmail_${SM}-${DEBREV}.dsc
 # Plain http: pin the .dsc; it in turn pins the tarballs.  Same for the sdist from PyPI.
+# Debian drops superseded versions from the pool at point releases: when the download 404s, move
+# SM/DEBREV to the current version and pin its .dsc (checked against apt's signed Sources index).
+# Until then scripts/setup.sh carries on with Debian's libmilter and the threads tests fail.
 DSC_SHA256=26527eb89e9168245ec3725848af51113b0ba78569417c147c6865310fb4cc64
 PYMILTER=pymilter-1.0.5.tar.gz
 PYMILTER_SHA256=2fac54d5b5ccca87786ad25eb0057a40bee6d5d3f71d7a6d5fe495ab6e460c3f

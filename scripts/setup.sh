@@ -35,5 +35,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   touch "$stamp"
 fi
 if [ "${MILTERD_LIBMILTER:-threads}" != debian ]; then
-  bash scripts/build-libmilter.sh .venv
+  # If the pinned Debian source ever leaves the mirror, keep going on Debian's libmilter: milterd
+  # works with it (slower), and the tests that expect the threads build fail and say why.
+  bash scripts/build-libmilter.sh .venv ||
+    echo "setup: WARNING: scripts/build-libmilter.sh failed; pymilter stays on Debian's libmilter" >&2
 fi
