@@ -98,7 +98,8 @@ def host_busy_seconds() -> float:
     """CPU time the whole machine spent busy (user+nice+system+irq+softirq, all cores), minus
     this bench process's own (it polls Postfix's log).  Steal time (other VMs) is not busy time,
     so this cost is steadier than msg/s on a shared host."""
-    f = open("/proc/stat").readline().split()
+    with open("/proc/stat") as stat:
+        f = stat.readline().split()
     busy = sum(int(x) for x in (f[1], f[2], f[3], f[6], f[7])) / os.sysconf("SC_CLK_TCK")
     own = os.times()
     return busy - (own.user + own.system)
@@ -219,46 +220,20 @@ class Bench:
         self.current = None
         configs = {"none": Config("none", None)}
 
-        pt_sock = self.root / "passthrough" / "pt.sock"
-        pt_sock.parent.mkdir()
-        os.chmod(pt_sock.parent, 0o755)
-        pt = Proc([sys.executable, str(REPO / "bench" / "passthrough_milter.py"), f"unix:{pt_sock}"],
-                  self.root / "passthrough.log", lambda: wait_for_unix_socket(pt_sock, 15))
-        self.procs.append(pt)
-        configs["passthrough"] = Config("passthrough", f"unix:{pt_sock}", pt)
+        self.add_passthrough(configs, "passthrough")
         if a.single_messages:
-            pt_port = free_port()
-            pti = Proc([sys.executable, str(REPO / "bench" / "passthrough_milter.py"),
-                        f"inet:{pt_port}@127.0.0.1"], self.root / "passthrough-inet.log",
-                       lambda: wait_for_port("127.0.0.1", pt_port, 15))
-            self.procs.append(pti)
-            configs["passthrough-inet"] = Config("passthrough-inet", f"inet:127.0.0.1:{pt_port}",
-                                                 pti)
+            self.add_passthrough(configs, "passthrough-inet", inet=True)
         for name in a.configs.split(","):
             # passthrough-mail, passthrough-helo+mail+rcpt+header, ...: the pass-through also
             # subscribed to those stages (what each stage costs any pymilter milter)
-            if name.startswith("passthrough-") and name != "passthrough-inet":
-                stages = name.split("-", 1)[1].replace("+", ",")
-                sock = self.root / name / "pt.sock"
-                sock.parent.mkdir()
-                os.chmod(sock.parent, 0o755)
-                p = Proc([sys.executable, str(REPO / "bench" / "passthrough_milter.py"),
-                          f"unix:{sock}", "--stages", stages], self.root / f"{name}.log",
-                         lambda sock=sock: wait_for_unix_socket(sock, 15))
-                self.procs.append(p)
-                configs[name] = Config(name, f"unix:{sock}", p)
+            if name.startswith("passthrough-") and name not in configs:
+                self.add_passthrough(configs, name,
+                                     stages=name.split("-", 1)[1].replace("+", ","))
         self.add_milterd(configs, "milterd-unix", "unix")
         self.add_milterd(configs, "milterd-inet", "inet")
         if a.pool_python:
             # the same two milters on Debian's worker-pool libmilter (another venv's pymilter)
-            sock = self.root / "passthrough-pool" / "pt.sock"
-            sock.parent.mkdir()
-            os.chmod(sock.parent, 0o755)
-            p = Proc([a.pool_python, str(REPO / "bench" / "passthrough_milter.py"),
-                      f"unix:{sock}"], self.root / "passthrough-pool.log",
-                     lambda: wait_for_unix_socket(sock, 15))
-            self.procs.append(p)
-            configs["passthrough-pool"] = Config("passthrough-pool", f"unix:{sock}", p)
+            self.add_passthrough(configs, "passthrough-pool", python=a.pool_python)
             self.add_milterd(configs, "milterd-pool", "unix", python=a.pool_python)
         if a.ablation:
             self.add_milterd(configs, "milterd-nolog", "unix", disable=("message_log",))
@@ -273,6 +248,27 @@ class Bench:
             self.add_milterd(configs, "milterd-qlog-si1ms", "unix",
                              variant=("--queue-log", "--switch-interval", "0.001"))
         return configs
+
+    def add_passthrough(self, configs: dict, name: str, *, inet: bool = False, stages: str = "",
+                        python: str = sys.executable) -> Config:
+        """bench/passthrough_milter.py (``stages``: its --stages) on a unix socket or inet."""
+        if inet:
+            port = free_port()
+            spec, pf_spec = f"inet:{port}@127.0.0.1", f"inet:127.0.0.1:{port}"
+            ready = lambda: wait_for_port("127.0.0.1", port, 15)  # noqa: E731
+        else:
+            sock = self.root / name / "pt.sock"
+            sock.parent.mkdir()
+            os.chmod(sock.parent, 0o755)
+            spec = pf_spec = f"unix:{sock}"
+            ready = lambda: wait_for_unix_socket(sock, 15)  # noqa: E731
+        argv = [python, str(REPO / "bench" / "passthrough_milter.py"), spec]
+        if stages:
+            argv += ["--stages", stages]
+        p = Proc(argv, self.root / f"{name}.log", ready)
+        self.procs.append(p)
+        cfg = configs[name] = Config(name, pf_spec, p)
+        return cfg
 
     def add_milterd(self, configs: dict, name: str, kind: str, *, disable: tuple = (),
                     variant: tuple[str, ...] = (), python: str = sys.executable) -> Config:
@@ -493,7 +489,7 @@ def main() -> int:
         if base and order and "milterd-unix" in configs and configs["milterd-unix"].rates:
             per_round = [m / n for m, n in zip(configs["milterd-unix"].rates,
                                                configs["none"].rates)]
-            print(f"milterd-unix / none per round: "
+            print("milterd-unix / none per round: "
                   + " ".join(f"{x:.2f}" for x in per_round)
                   + f"  (median {statistics.median(per_round):.2f}; target >= 0.85)")
         print("\nmilterd callback latency (from /metrics milterd_callback_duration_seconds, "

@@ -5,8 +5,8 @@ what remains is connect negotiation, end-of-message (CONTINUE) and close — per
 opens a connection per message) the minimum round trips a pymilter milter can cost.
 
 ``--stages helo,mail,rcpt,header`` also subscribes to those stages with empty callbacks (no reply
-for helo/rcpt/header, a reply for mail — milterd's shape before it folded stages into
-end-of-message): what each subscribed stage costs a pymilter milter, whatever it does inside.
+for helo/rcpt/header, a reply for mail — the shape milterd negotiates with Domain Security on and
+no pins): what each subscribed stage costs a pymilter milter, whatever it does inside.
 
     python bench/passthrough_milter.py unix:/path/to/sock [--stages ...]  (socket 0666, loopback lab)
     python bench/passthrough_milter.py inet:PORT@127.0.0.1
@@ -49,7 +49,6 @@ def staged(stages: set[str]) -> type[Milter.Base]:
             opts[0] = 0
             opts[1] = opts[1] & (skip | noreply)
             opts[2] = opts[3] = 0
-            self._nr = opts[1]
             return Milter.CONTINUE
 
         def hello(self, name):

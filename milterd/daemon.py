@@ -259,7 +259,6 @@ class Daemon:
             log.info("milterd stopped")
         return 0
 
-
     def _wait_for_sessions(self) -> None:
         """After libmilter stopped accepting: let open sessions finish, up to ``stop_grace``.
 
@@ -279,8 +278,6 @@ class Daemon:
         if self.app.open_sessions > 0:
             log.warning("stop_grace over: %d session(s) still open are cut (the MTA tempfails "
                         "them)", self.app.open_sessions)
-
-
 
 
 def _set_callbacks() -> None:
