@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import itertools
 import logging
+import re
 import socket
 import time
 from typing import Any
@@ -28,7 +29,8 @@ from Milter import (CONTINUE, NOREPLY, REJECT, TEMPFAIL, P_NOBODY, P_NOCONNECT, 
                     P_NOEOH, P_NOUNKNOWN, P_NR_CONN, P_NR_HDR, P_NR_HELO, P_NR_MAIL, P_NR_RCPT)
 
 from milterd.app import App, Dispatcher
-from milterd.session import Connection, Message
+from milterd.coverage import is_from_field
+from milterd.session import NO_TLS, Connection, Message, TlsFacts
 from milterd.tlsfacts import TLS_MACROS, from_macros, merge_policy_facts
 from milterd.verdict import Action, AddHeader, DeleteHeader, HeaderEdit, Verdict
 
@@ -43,8 +45,12 @@ _N_TLS = len(TLS_MACROS)
 _SYMLISTS = {Milter.M_ENVFROM: " ".join(_ENVFROM_MACROS)}
 _SKIP_STEPS = P_NOBODY | P_NODATA | P_NOEOH | P_NOUNKNOWN
 _ids = itertools.count(1)
+_PORT = re.compile(r"[0-9]{1,5}")
 _MAX_HEADERS = 2000          # beyond this, headers are counted but not kept (memory bound)
 _MAX_HEADER_VALUE = 16384    # a longer value is kept truncated for plugins (never for the MTA)
+# Exceptions to both caps: every From: field is kept whole wherever it comes (coverage must see
+# what a reader sees; the MTA's own size limits bound it), and copies of the trace header are
+# recorded (empty) so that every forged copy is deleted.
 
 
 def _libmilter_mode() -> str:
@@ -80,6 +86,7 @@ class MilterSession(Milter.Base):
         self.connection = Connection(id=f"c{next(_ids)}")
         self.message: Message | None = None
         self._tls_raw: tuple[Any, ...] | None = None
+        self._tls_macros: TlsFacts = NO_TLS  # TLS facts from the macros alone, before any join
         self._header_count = 0
         self._rcpt_refusal: Verdict | None = None
         self._stamp_name = self.dispatcher.config.stamp.header.lower()
@@ -160,7 +167,7 @@ class MilterSession(Milter.Base):
         start = time.perf_counter()
         try:
             self._finish_refused()
-            raw = tuple(map(self._ctx.getsymval, _ENVFROM_MACROS))
+            raw = tuple(map(self._symval, _ENVFROM_MACROS))
             if self.connection.client_address is None:
                 self._client_from_macros(raw[_N_TLS + 1:])
             self._refresh_tls(raw[:_N_TLS])
@@ -189,7 +196,7 @@ class MilterSession(Milter.Base):
         start = time.perf_counter()
         try:
             if m.queue_id is None:
-                m.queue_id = self.getsymval("i") or None
+                m.queue_id = self._symval("i") or None
             self._join_policy_view()
             verdict = self.dispatcher.verdict("milterd_rcpt_to", self.connection, m,
                                               recipient=to)
@@ -205,11 +212,11 @@ class MilterSession(Milter.Base):
         m = self.message
         if m is not None:
             self._header_count += 1
-            if self._header_count <= _MAX_HEADERS:
+            if is_from_field(name):
+                m.headers.append((name, value))  # whole, wherever it comes (see _MAX_HEADERS)
+            elif self._header_count <= _MAX_HEADERS:
                 m.headers.append((name, value[:_MAX_HEADER_VALUE]))
             elif name.lower() == self._stamp_name:
-                # Past the cap, copies of the trace header are still recorded (empty): every
-                # forged copy must be seen to be deleted.
                 m.headers.append((name, ""))
         return self._header_ok
 
@@ -219,7 +226,7 @@ class MilterSession(Milter.Base):
             m = self.message
             if m is None:
                 return self._internal_error("eom without envfrom")
-            m.queue_id = self._ctx.getsymval("i") or m.queue_id
+            m.queue_id = self._symval("i") or m.queue_id
             self._join_policy_view()
             if self._header_count > _MAX_HEADERS:
                 log.warning("conn=%s queue_id=%s: %d headers, only the first %d given to plugins",
@@ -279,11 +286,21 @@ class MilterSession(Milter.Base):
         return CONTINUE
 
     # -- helpers -------------------------------------------------------------------------------
+    def _symval(self, name: str) -> str | None:
+        """A macro's value, or None: a value libmilter cannot hand over (e.g. invalid UTF-8)
+        is logged and treated as absent, which fails closed for every TLS fact."""
+        try:
+            return self._ctx.getsymval(name)
+        except Exception as e:
+            log.warning("conn=%s: macro %s unreadable (%s); treated as absent",
+                        self.connection.id, name, type(e).__name__)
+            return None
+
     def _client_from_macros(self, values: tuple[str | None, ...]) -> None:
         c = self.connection
         addr, port, name = values
         c.client_address = addr or None
-        c.client_port = int(port) if port and port.isdigit() else None
+        c.client_port = int(port) if port and _PORT.fullmatch(port) else None
         c.client_name = c.client_name or name or None
 
     def _refresh_tls(self, raw: tuple[str | None, ...]) -> None:
@@ -294,16 +311,23 @@ class MilterSession(Milter.Base):
         for w in warnings:
             log.warning("conn=%s client=%s: %s", self.connection.id,
                         self.connection.client_address, w)
+        self._tls_macros = facts
         self.connection.tls = facts
         self.connection.mta = facts.dialect if facts.dialect != "none" else self.connection.mta
 
     def _join_policy_view(self) -> None:
+        # Always from the macros' facts: the newest policy request replaces what an older one
+        # said (a later request without a fingerprint clears an earlier one's), and a request
+        # whose TLS facts disagree with this session's is not this session's.
         c = self.connection
-        if c.tls.dialect != "postfix":
+        base = self._tls_macros
+        if base.dialect != "postfix":
             return
         view = self.app.policy_views.get(c.client_address, c.client_port)
-        if view is not None:
-            c.tls = merge_policy_facts(c.tls, view.fingerprint)
+        if view is not None and view.agrees_with(base):
+            c.tls = merge_policy_facts(base, view.fingerprint)
+        else:
+            c.tls = base
 
     def _reply(self, verdict: Verdict, nr_flag: int) -> int:
         if verdict.action is Action.CONTINUE:

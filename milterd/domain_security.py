@@ -1,20 +1,19 @@
 """Domain Security decisions as pure functions over typed values (no MTA, no I/O).
 
-A message is *covered* when its envelope sender's domain or a ``From:`` domain is on
-``receive_domains``; the *covered domain* is the list entry (without its leading dot), which is
-also what certificates must name, what pins are keyed by and what metrics are labelled with —
-so label sets stay bounded by the config.
+A message is *covered* when any plausible reading of its envelope sender or of a ``From:`` field
+names a domain on ``receive_domains`` (:mod:`milterd.coverage`, which fails closed); the *covered
+domain* is the list entry (without its leading dot), which is also what certificates must name,
+what pins are keyed by and what metrics are labelled with — so label sets stay bounded by the
+config.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from email.utils import getaddresses
 
 from milterd import reasons
 from milterd.config import TLS_VERSIONS, Config
-from milterd.names import address_domain, domain_listed, name_covers_domain
+from milterd.names import name_covers_domain
 from milterd.session import CertVerify, StashKey, TlsFacts
 
 PASS, FAIL, NONE = "pass", "fail", "none"
@@ -32,39 +31,6 @@ NOT_COVERED = Result(NONE)
 
 # Where the built-in plugin leaves its result for the stamp, counters and log plugins.
 RESULT_KEY: StashKey[Result] = StashKey("domain_security.result")
-
-
-def covered_domain(domain: str | None, receive_domains: tuple[str, ...]) -> str | None:
-    if not domain:
-        return None
-    entry = domain_listed(domain, receive_domains)
-    if entry is None:
-        return None
-    return entry.lstrip(".")
-
-
-# ``a@b.example``, ``<a@b.example>`` or ``Plain Name <a@b.example>`` in plain ASCII: nearly every
-# From: line, and one whose mailbox is unambiguous, so the (slow) RFC 5322 parser is skipped.
-# Anything else — quotes, comments, groups, lists, folding, 8-bit — goes through getaddresses();
-# a hypothesis test checks the two agree on everything this pattern accepts.
-_SIMPLE_FROM = re.compile(
-    r"[ \t]*(?:(?:[A-Za-z0-9][A-Za-z0-9 \t._-]*)?<([A-Za-z0-9._+=-]+@[A-Za-z0-9.-]+)>"
-    r"|([A-Za-z0-9._+=-]+@[A-Za-z0-9.-]+))[ \t]*")
-
-
-def from_header_domains(values: list[str]) -> list[str]:
-    """Domains of every mailbox in the ``From:`` header(s); unparsable parts are ignored."""
-    if len(values) == 1:
-        simple = _SIMPLE_FROM.fullmatch(values[0])
-        if simple is not None:
-            d = address_domain(simple.group(1) or simple.group(2))
-            return [d] if d else []
-    out = []
-    for _name, addr in getaddresses(values):
-        d = address_domain(addr) if addr else None
-        if d and d not in out:
-            out.append(d)
-    return out
 
 
 def _version_rank(version: str | None) -> int:

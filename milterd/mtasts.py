@@ -354,7 +354,7 @@ class MtaStsClient:
         else:
             length = headers.get("content-length")
             if length is not None:
-                if not length.isdigit():
+                if not re.fullmatch(r"[0-9]{1,12}", length):  # not isdigit(): "²" is a digit
                     raise StsError("sts-policy-fetch-error", "bad Content-Length")
                 if int(length) > self._max_size:
                     raise StsError("sts-policy-fetch-error", "policy larger than the size limit")

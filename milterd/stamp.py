@@ -19,7 +19,7 @@ from milterd.session import CertVerify, TlsFacts
 
 MAX_VALUE_CHARS = 256  # encoded length of one value: the whole header stays below 998 octets
 
-_TOKEN = re.compile(r"^[A-Za-z0-9_.+/-]{1,64}$")
+_TOKEN = re.compile(r"[A-Za-z0-9_.+/-]{1,64}")  # fullmatch: "$" would let a trailing LF through
 
 
 def quote(value: str) -> str:
@@ -42,7 +42,7 @@ def quote(value: str) -> str:
 
 
 def _token_or_quoted(value: str) -> str:
-    return value if _TOKEN.match(value) else quote(value)
+    return value if _TOKEN.fullmatch(value) else quote(value)
 
 
 def stamp_value(tls: TlsFacts, ds_status: str, ds_domain: str | None,

@@ -31,7 +31,8 @@ TLS_MACROS = ("{tls_version}", "{cipher}", "{cipher_bits}", "{cert_subject}", "{
 
 _SENDMAIL_VERIFIED = {"OK", "TRUSTED"}
 _SENDMAIL_NO_CERT = {"NO", "NONE", "NOT", "CLEAR"}
-_VERSION = re.compile(r"^(TLSv1(\.[0-3])?|SSLv3)$")
+_VERSION = re.compile(r"TLSv1(\.[0-3])?|SSLv3")
+_BITS = re.compile(r"[0-9]{1,5}")  # ASCII digits only: "²".isdigit() is true and int() raises
 _MAX_MACRO = 4096  # a longer macro value is truncated; certificates do not have 4 KiB names
 
 
@@ -55,13 +56,13 @@ def from_macros(macros: Mapping[str, str | None]) -> tuple[TlsFacts, list[str]]:
         # No TLS.  Sendmail says {verify}=NO/CLEAR without STARTTLS only in odd set-ups; the
         # session is unencrypted either way.
         return NO_TLS, warnings
-    if not _VERSION.match(version):
+    if not _VERSION.fullmatch(version):
         warnings.append(f"unexpected {{tls_version}} {version!r}")
     cipher = _clean(macros.get("{cipher}")) or None
     bits: int | None = None
     bits_raw = macros.get("{cipher_bits}")
     if bits_raw:
-        if bits_raw.isdigit() and len(bits_raw) <= 5:
+        if _BITS.fullmatch(bits_raw):
             bits = int(bits_raw)
         else:
             warnings.append(f"malformed {{cipher_bits}} {bits_raw[:40]!r}")

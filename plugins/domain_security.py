@@ -1,6 +1,7 @@
 """Built-in plugin: inbound Domain Security (Exchange's TLSReceiveDomainSecureList).
 
-Mail covered by ``receive_domains`` (envelope sender or ``From:``) must have arrived over TLS at
+Mail covered by ``receive_domains`` (any plausible reading of the envelope sender or of any
+``From:`` field, :mod:`milterd.coverage`) must have arrived over TLS at
 the configured strength with a client certificate that is trusted and names the domain, or is
 pinned for it.  In ``enforce`` mode a failure is refused (550 5.7.1, or 450 4.7.1 with
 ``failure_action = "tempfail"``); ``report`` mode never refuses.  The decision logic is the pure
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from milterd import domain_security as ds
 from milterd.hookspecs import hookimpl, only_if
-from milterd.names import address_domain
+from milterd.coverage import envelope_covered, from_covered, is_from_field
 from milterd.session import StashKey
 from milterd.verdict import Verdict, reject, tempfail
 
@@ -32,29 +33,34 @@ def _refusal(app, result: ds.Result) -> Verdict | None:
     return reject(text, reason=result.reason or "")
 
 
-_ENVELOPE_DOMAIN: StashKey[str | None] = StashKey("domain_security.envelope_domain")
+_ENVELOPE_DOMAINS: StashKey[tuple[str, ...]] = StashKey("domain_security.envelope_domains")
 
 
-def _envelope_domain(app, message) -> str | None:
+def _envelope_domains(app, message) -> tuple[str, ...]:
     # Computed once per message: MAIL FROM, RCPT and end of message all need it.
-    if _ENVELOPE_DOMAIN not in message.stash:
-        message.stash[_ENVELOPE_DOMAIN] = ds.covered_domain(
-            address_domain(message.sender), app.config.domain_security.receive_domains)
-    return message.stash[_ENVELOPE_DOMAIN]
+    domains = message.stash.get(_ENVELOPE_DOMAINS)
+    if domains is None:
+        domains = envelope_covered(message.sender, app.config.domain_security.receive_domains)
+        message.stash[_ENVELOPE_DOMAINS] = domains
+    return domains
 
 
 def _receive_list(config) -> bool:
     return bool(config.domain_security.receive_domains)
 
 
+def _evaluate(app, connection, domains) -> ds.Result:
+    return ds.combine([ds.evaluate(connection.tls, d, app.config) for d in domains])
+
+
 @hookimpl
 @only_if(_receive_list)
 def milterd_mail_from(app, connection, message):
-    domain = _envelope_domain(app, message)
-    if domain is None:
+    domains = _envelope_domains(app, message)
+    if not domains:
         return None
-    result = ds.evaluate(connection.tls, domain, app.config)
-    if result.status == ds.FAIL and ds.may_still_pass(connection.tls, domain, app.config):
+    result = _evaluate(app, connection, domains)
+    if result.status == ds.FAIL and ds.may_still_pass(connection.tls, result.domain, app.config):
         return None  # decided at RCPT, once Postfix's policy request brought the fingerprint
     message.stash[ds.RESULT_KEY] = result
     return _refusal(app, result)
@@ -63,14 +69,14 @@ def milterd_mail_from(app, connection, message):
 @hookimpl
 @only_if(lambda config: _receive_list(config) and bool(config.peer_cert.pins))
 def milterd_rcpt_to(app, connection, message, recipient):
-    # Only pinned partners on Postfix are decided here; without pins, Postfix need not wait for
-    # milterd at RCPT at all (one round trip less per recipient).
-    domain = _envelope_domain(app, message)
-    if domain is None or ds.RESULT_KEY in message.stash:
+    # Pinned partners on Postfix are decided here, with the facts of the policy request Postfix
+    # made for this very RCPT; every RCPT gets the same answer for the same facts.  Without pins,
+    # Postfix need not wait for milterd at RCPT at all (one round trip less per recipient).
+    domains = _envelope_domains(app, message)
+    if not domains:
         return None
-    result = ds.evaluate(connection.tls, domain, app.config)
-    if result.status == ds.FAIL:
-        message.stash[ds.RESULT_KEY] = result
+    result = _evaluate(app, connection, domains)
+    message.stash[ds.RESULT_KEY] = result
     return _refusal(app, result)
 
 
@@ -78,14 +84,11 @@ def milterd_rcpt_to(app, connection, message, recipient):
 @only_if(_receive_list)
 def milterd_end_of_message(app, connection, message):
     receive = app.config.domain_security.receive_domains
-    domains = []
-    env = _envelope_domain(app, message)
-    if env:
-        domains.append(env)
-    for d in ds.from_header_domains(message.header_values("From")):
-        cd = ds.covered_domain(d, receive)
-        if cd and cd not in domains:
-            domains.append(cd)
-    result = ds.combine([ds.evaluate(connection.tls, d, app.config) for d in domains])
+    domains = list(_envelope_domains(app, message))
+    froms = [v for n, v in message.headers if is_from_field(n)]
+    for d in from_covered(froms, receive):
+        if d not in domains:
+            domains.append(d)
+    result = _evaluate(app, connection, domains)
     message.stash[ds.RESULT_KEY] = result
     return _refusal(app, result)

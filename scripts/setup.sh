@@ -11,7 +11,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 
 need_pkgs=(postfix libmilter-dev swaks openssl gcc libc6-dev m4 make binutils patch xz-utils curl
-           iproute2 procps prometheus systemd)
+           iproute2 procps prometheus systemd python3 python3-venv python3-dev)
 missing=()
 for p in "${need_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -24,7 +24,16 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
-py=${PYTHON:-python3}
+# The venv is built from Debian's own python3 (the interpreter a Debian mail admin runs, with
+# Debian's security backports, e.g. the strict email.utils.getaddresses of CVE-2023-27043), not
+# from whatever python3 comes first on PATH (a pyenv build here).  PYTHON overrides it.
+py=${PYTHON:-/usr/bin/python3}
+[ -x "$py" ] || py=python3
+want_home=$(dirname "$("$py" -c 'import os,sys; print(os.path.realpath(sys.executable))')")
+if [ -f .venv/pyvenv.cfg ] && ! grep -qx "home = $want_home" .venv/pyvenv.cfg; then
+  echo "setup: .venv was built from another python ($(grep '^home' .venv/pyvenv.cfg)); rebuilding from $py" >&2
+  rm -rf .venv
+fi
 if [ ! -x .venv/bin/python ]; then
   "$py" -m venv .venv
 fi

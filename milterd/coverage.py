@@ -1,0 +1,274 @@
+"""Coverage: does a message claim to come from a partner?  Every plausible reading, fail closed.
+
+A message is *covered* when any plausible reading of its envelope sender or of any ``From:`` field
+names a domain on ``receive_domains``.  milterd's own reading must never be the one that decides:
+the MTA stores its own form of the envelope sender (Postfix's tok822 rewriting, Sendmail's
+rulesets), mail clients show their own reading of ``From:``, and the interpreter's
+``email.utils.getaddresses`` is strict on some Pythons (CVE-2023-27043 backports, Debian) and
+lenient on others.  So no parser is used at all: a value is *scanned* for every domain-shaped token
+in a routing position, under several spellings of the value, and the union is checked against the
+list.  A reading that finds more than any parser can only cover more (doubt means covered).
+
+Routing positions (what any reader or MTA may take as "the domain"):
+
+* the token after any ``@`` (the last ``@`` is Postfix's and RFC 5321's domain, an earlier one is a
+  quoted local part or a source route, a display name holding an address is what a reader sees);
+* the token after any ``%`` (percent hack: ``user%partner@relay``, ``user%partner``);
+* the token before any ``!`` (bang path: ``partner!user``, Postfix's ``swap_bangpath``).
+
+Spellings scanned (each only when it can differ from the raw text):
+
+1. the value as given;
+2. the MTA's stored form: RFC 5322 comments removed (nested; an unclosed comment runs to the
+   end), quotes and backslashes removed, no whitespace around ``.`` and ``@`` (obs-domain allows
+   CFWS between labels and around ``@``);
+3. what a reader is shown: RFC 2047 encoded words decoded;
+4. what a reader cannot see: Unicode format (Cf), control (Cc) and other default-ignorable
+   characters removed, compatibility forms folded (NFKC).
+
+A token yields its DNS name (IDNA 2003, :func:`milterd.names.normalize_dns_name`), the same with a
+trailing junk character cut off, and for internationalised names the IDNA 2008 reading too, so
+``ß`` matches a list entry written either way.
+
+Pure functions; memoised for short values (the per-message hot path, see ``bench/``).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import unicodedata
+from email.header import decode_header
+
+from milterd.names import domain_listed, normalize_dns_name
+
+__all__ = ["value_domains", "envelope_covered", "from_covered", "covered_entries",
+           "is_from_field"]
+
+# Characters that end a token: structure in addresses and headers, whitespace.
+_DELIMS = r"\s@%!<>()\[\]\",;:\\"
+_AFTER = re.compile(rf"[@%][\s\[]*([^{_DELIMS}]+)")
+_BEFORE = re.compile(rf"([^{_DELIMS}]+)!")
+# A token's leading run of name characters: "woodgrovebank.test'" still names the partner.
+_NAME_HEAD = re.compile(r"[\w.\-\u3002\uff0e\uff61]+")
+_WS_AROUND = re.compile(r"\s*([.@%!\u3002\uff0e\uff61])\s*")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_SHORT = 1024  # values up to this length are memoised (nearly all); longer ones are not kept
+
+
+def _strip_comments(text: str, replacement: str = "", nested: bool = True) -> str:
+    """Remove RFC 5322 comments (nested, quoted-pairs honoured); an unclosed one runs to the end.
+
+    Parentheses inside a quoted-string are not comments; an unclosed quote runs to the end too.
+    """
+    if "(" not in text:
+        return text
+    out: list[str] = []
+    depth = 0
+    quoted = False
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == "\\":
+            if depth == 0:
+                out.append(text[i:i + 2])
+            i += 2
+            continue
+        if depth:
+            if c == "(" and nested:
+                depth += 1
+            elif c == ")":
+                depth -= 1
+            i += 1
+            continue
+        if c == '"':
+            quoted = not quoted
+        elif c == "(" and not quoted:
+            depth = 1
+            out.append(replacement)
+            i += 1
+            continue
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def _decode_encoded_words(text: str) -> str:
+    """What a mail client shows for RFC 2047 encoded words; never raises."""
+    try:
+        parts = decode_header(text)
+    except Exception:  # malformed encoded words: the raw spellings still get scanned
+        return text
+    out = []
+    for chunk, charset in parts:
+        if isinstance(chunk, bytes):
+            try:
+                chunk = chunk.decode(charset or "ascii", "replace")
+            except (LookupError, UnicodeError):
+                chunk = chunk.decode("latin-1")
+        out.append(chunk)
+    return " ".join(out)
+
+
+# Default-ignorable code points that are not Cf/Cc (they render as nothing, too).
+_IGNORABLE_EXTRA = frozenset(
+    [0x034F, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x3164, 0xFFA0]
+    + list(range(0x180B, 0x1810)) + list(range(0xFE00, 0xFE10)) + list(range(0xE0100, 0xE01F0)))
+
+
+def _invisible(c: str) -> bool:
+    return unicodedata.category(c) in ("Cf", "Cc", "Cs", "Co", "Cn") or ord(c) in _IGNORABLE_EXTRA
+
+
+def _visible_form(text: str) -> str:
+    """Text as a reader sees it: invisible characters removed, compatibility forms folded."""
+    # Whitespace controls (CR, LF, TAB, …) still separate words for a reader: kept.
+    return unicodedata.normalize(
+        "NFKC", "".join(c for c in text if c.isspace() or not _invisible(c)))
+
+
+# A comment inside a word joins its halves, one between words separates them; RFC 5322 comments
+# nest, some readers' do not.
+_COMMENT_READINGS = (("", True), (" ", True), ("", False), (" ", False))
+
+
+def _stored_forms(text: str) -> list[str]:
+    """The MTA's reading: comments gone (a comment between two words separates them, one inside
+    a name does not: both), quotes and backslashes gone, no whitespace around ``.``/``@``.
+    Comments are found honouring quoted-strings and quoted-pairs and, for a reader that does not,
+    ignoring them."""
+    out = []
+    plain = text.replace('"', "").replace("\\", "")
+    for base in ((text, plain) if plain != text else (text,)):
+        for replacement, nested in (_COMMENT_READINGS if "(" in base else (("", True),)):
+            t = _strip_comments(base, replacement, nested).replace('"', "").replace("\\", "")
+            out.append(t)
+            out.append(_WS_AROUND.sub(r"\1", t))
+    return out
+
+
+def _spellings(value: str) -> set[str]:
+    out = {value, *_stored_forms(value)}
+    if "=?" in value:
+        shown = _decode_encoded_words(value)
+        out.add(shown)
+        out.update(_stored_forms(shown))
+    if any(not s.isascii() or _CONTROL.search(s) for s in out):
+        for s in list(out):
+            visible = _visible_form(s)
+            out.add(visible)
+            out.update(_stored_forms(visible))
+    return out
+
+
+def _idna2008_form(name: str) -> str | None:
+    """IDNA 2008 / UTS 46 non-transitional A-labels (``ß`` stays ``ß``: ``xn--strae-oqa``)."""
+    labels = []
+    for label in re.split("[.\u3002\uff0e\uff61]", unicodedata.normalize("NFC", name.lower())):
+        if label.isascii():
+            labels.append(label)
+            continue
+        try:
+            labels.append("xn--" + label.encode("punycode").decode("ascii"))
+        except UnicodeError:
+            return None
+    return normalize_dns_name(".".join(labels))
+
+
+def _u_label(label: str) -> str:
+    if label.startswith("xn--"):
+        try:
+            return label[4:].encode("ascii").decode("punycode")
+        except UnicodeError:
+            pass
+    return label
+
+
+def _token_names(token: str) -> set[str]:
+    out: set[str] = set()
+    candidates = {token.strip(".")}
+    head = _NAME_HEAD.match(token)
+    if head:
+        candidates.add(head.group(0).strip("."))
+    for c in candidates:
+        if not c:
+            continue
+        name = normalize_dns_name(c)
+        if name:
+            out.add(name)
+            if "xn--" in name:
+                # An A-label a reader sees decoded: also its IDNA 2003 reading (xn--strae-oqa -> strasse).
+                again = normalize_dns_name(".".join(map(_u_label, name.split("."))))
+                if again:
+                    out.add(again)
+        if not c.isascii():
+            alt = _idna2008_form(c)
+            if alt:
+                out.add(alt)
+    return out
+
+
+def _scan(text: str) -> set[str]:
+    out: set[str] = set()
+    if "@" in text or "%" in text:
+        for token in _AFTER.findall(text):
+            out |= _token_names(token)
+    if "!" in text:
+        for token in _BEFORE.findall(text):
+            out |= _token_names(token)
+    return out
+
+
+@functools.lru_cache(maxsize=8192)
+def _value_domains_cached(value: str) -> frozenset[str]:
+    return _value_domains(value)
+
+
+def _value_domains(value: str) -> frozenset[str]:
+    out: set[str] = set()
+    for s in _spellings(value):
+        out |= _scan(s)
+    return frozenset(out)
+
+
+def value_domains(value: str) -> frozenset[str]:
+    """Every DNS domain any plausible reading of an address or header value names."""
+    if not isinstance(value, str) or not value:
+        return frozenset()
+    if len(value) <= _SHORT:
+        return _value_domains_cached(value)
+    return _value_domains(value)
+
+
+def covered_entries(domains, receive_domains: tuple[str, ...]) -> tuple[str, ...]:
+    """The receive-list entries (without the leading dot) that cover any of ``domains``."""
+    out: list[str] = []
+    for d in sorted(domains):
+        entry = domain_listed(d, receive_domains)
+        if entry is not None:
+            e = entry.lstrip(".")
+            if e not in out:
+                out.append(e)
+    return tuple(out)
+
+
+def envelope_covered(sender: str, receive_domains: tuple[str, ...]) -> tuple[str, ...]:
+    """Covered domains (list entries without the leading dot) named by the envelope sender."""
+    if not receive_domains or not sender:
+        return ()
+    return covered_entries(value_domains(sender), receive_domains)
+
+
+def from_covered(values: list[str], receive_domains: tuple[str, ...]) -> tuple[str, ...]:
+    """Covered domains named by any of the ``From:`` field values (each read on its own)."""
+    if not receive_domains:
+        return ()
+    domains: set[str] = set()
+    for v in values:
+        domains |= value_domains(v)
+    return covered_entries(domains, receive_domains)
+
+
+def is_from_field(name: str) -> bool:
+    """``From``, any case, with the obsolete whitespace before the colon some MTAs pass on."""
+    return name.strip().lower() == "from"
