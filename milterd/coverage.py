@@ -185,22 +185,23 @@ def _u_label(label: str) -> str:
 
 
 def _token_names(token: str) -> set[str]:
-    out: set[str] = set()
     candidates = {token.strip(".")}
     head = _NAME_HEAD.match(token)
     if head:
         candidates.add(head.group(0).strip("."))
+    for c in list(candidates):
+        if "xn--" in c.lower():  # an A-label a reader sees decoded
+            candidates.add(".".join(map(_u_label, c.lower().split("."))))
+    for c in list(candidates):
+        if not c.isascii():  # the IDNA 2003 reading of deviation characters (names.py refuses them)
+            candidates.add(c.replace("\u00df", "ss").replace("\u1e9e", "ss").replace("\u03c2", "\u03c3"))
+    out: set[str] = set()
     for c in candidates:
         if not c:
             continue
         name = normalize_dns_name(c)
         if name:
             out.add(name)
-            if "xn--" in name:
-                # An A-label a reader sees decoded: also its IDNA 2003 reading (xn--strae-oqa -> strasse).
-                again = normalize_dns_name(".".join(map(_u_label, name.split("."))))
-                if again:
-                    out.add(again)
         if not c.isascii():
             alt = _idna2008_form(c)
             if alt:

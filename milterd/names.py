@@ -11,9 +11,12 @@ Rules implemented
 * U-labels (Unicode) are converted with the standard library's ``encodings.idna``
   (IDNA 2003 ToASCII with nameprep).  A-labels (``xn--``) are kept as they are after a
   punycode round-trip check, so IDNA 2008 A-labels found in certificates (which carry
-  A-labels, dNSName being an IA5String) compare exactly.  Known deviation: a *U-label* with
-  ``ß`` or ``ς`` is mapped the IDNA 2003 way (``ß`` -> ``ss``).  Invisible characters
-  (soft hyphen, zero-width joiners), controls and spaces are refused, never mapped away.
+  A-labels, dNSName being an IA5String) compare exactly.  A *U-label* with an IDNA 2003/2008
+  deviation character (``ß``, ``ẞ``, ``ς``) is refused: IDNA 2003 maps ``straße`` to ``strasse``,
+  IDNA 2008 to ``xn--strae-oqa``, and a name with two readings names nothing (a certificate for
+  one must never match the other; :mod:`milterd.coverage` takes both readings of an address).
+  Invisible characters (soft hyphen, zero-width joiners), controls and spaces are refused, never
+  mapped away.
 * Labels must be LDH (letters, digits, hyphen; no leading/trailing hyphen), 1..63 octets,
   the whole name at most 253 octets, and the last label must not be all-numeric (so an IPv4
   literal is never taken for a DNS name).
@@ -53,6 +56,7 @@ _MAX_LABEL = 63
 _LDH_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
 # The label separators IDNA recognises (full stop, ideographic / full-width / half-width stops).
 _DOTS = re.compile("[.\u3002\uff0e\uff61]")
+_DEVIATIONS = frozenset("\u00df\u1e9e\u03c2")  # ß ẞ ς: IDNA 2003 and 2008 disagree
 
 
 def _valid_a_label(label: str) -> bool:
@@ -79,7 +83,7 @@ def _to_a_label(label: str) -> str | None:
         # Controls, invisible format characters (soft hyphen, zero-width joiners), spaces and
         # unassigned code points are refused rather than IDNA-mapped to nothing: an invisible
         # character must never make two different-looking names compare equal.
-        if any(unicodedata.category(c)[0] in "CZ" for c in label):
+        if any(unicodedata.category(c)[0] in "CZ" or c in _DEVIATIONS for c in label):
             return None
         try:
             label = _stdlib_idna.ToASCII(label).decode("ascii")

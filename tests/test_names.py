@@ -318,3 +318,12 @@ def test_fuzz_budget_10k() -> None:
     elapsed = time.monotonic() - start
     assert total >= 10_000, total
     assert elapsed < 30, "fuzzing took %.1f s" % elapsed
+
+
+def test_deviation_characters_name_nothing():
+    # IDNA 2003 reads straße as strasse, IDNA 2008 as xn--strae-oqa: a certificate name with two
+    # readings must match neither partner.
+    assert not name_covers_domain("mail.straße.test", "strasse.test")
+    assert not name_covers_domain("mail.strasse.test", "straße.test")
+    assert not name_matches("straße.test", "strasse.test")
+    assert normalize_dns_name("straße.test") is None and normalize_dns_name("xn--zca.de") == "xn--zca.de"

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import pytest
+
 from milterd.session import CertVerify
 from milterd.tlsfacts import from_macros, merge_policy_facts
 
@@ -89,3 +91,18 @@ def test_sendmail_cn_hidden_in_another_attribute_is_no_name():
                             "{cert_subject}": "/O=x/CN=mail.woodgrovebank.test",
                             "{cn_subject}": ""})
     assert facts.subject_cn is None
+
+
+@pytest.mark.parametrize("name, value", [
+    ("{cipher_bits}", "²"), ("{cipher_bits}", "٣"), ("{cipher_bits}", "256\n"),
+    ("{tls_version}", "TLSv1.3\n"), ("{cipher}", "AES\r\nX-Evil: 1"), ("{cert_subject}", "a\nb"),
+    ("{cert_issuer}", "\udcff\udcfe"), ("{verify}", "OK\n"), ("{cert_fp}", "Z" * 5000),
+])
+def test_hostile_macro_values_never_raise_and_never_reach_the_stamp_raw(name, value):
+    from milterd.stamp import stamp_value
+
+    macros = {"{tls_version}": "TLSv1.3", "{cipher}": "TLS_AES_256_GCM_SHA384",
+              "{cipher_bits}": "256", name: value}
+    facts, _warnings = from_macros(macros)
+    stamp = stamp_value(facts, "none", None)
+    assert "\n" not in stamp and "\r" not in stamp
