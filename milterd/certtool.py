@@ -3,7 +3,10 @@
 Domain Security only works if both ends hold certificates that chain to a trusted CA, name the
 host, and are not expired or revoked; these commands make the routine steps (make a request,
 install what the CA returned, see what is installed and when it expires, check one certificate
-the way a peer would) safe and scriptable.  Built on the ``cryptography`` package only.
+the way a peer would) safe and scriptable.  Built on the ``cryptography`` package; ``check``
+also runs the ``openssl`` command (3.0 or later; Debian's ``postfix`` pulls it in via
+``ssl-cert``), because the verdict that matters is the one of the OpenSSL library Postfix and
+most partners verify with.
 
 Exit codes: 0 success; 1 the material was checked and refused (``check`` failures, an expired or
 key-mismatched PKCS#12 on ``import``); 2 usage or input errors (bad subject, unreadable file,
@@ -24,22 +27,45 @@ Files
   ``.pem``/``.crt``/``.cert`` counts, and is reported under its dotted key (``tls.cert_file``;
   list items as ``key[0]``).  Relative paths are taken relative to the config file.  Each file is
   shown by its first certificate (the leaf); ``chain`` counts the certificates in the file.
-* ``check`` builds the chain itself (not with ``cryptography.x509.verification``) so it can list
-  *every* failure with its own stable keyword: ``untrusted``, ``expired``, ``not_yet_valid``,
-  ``revoked``, ``name_mismatch``, ``crl_invalid``, ``crl_expired``.  Every certificate in
-  ``--ca`` is a trust anchor (like ``openssl verify -CAfile -partial_chain``), including a
-  self-signed end-entity certificate listed there itself; without ``--ca`` the system bundle is used.  Extra certificates after the leaf in the checked file serve as intermediates.
+* ``check`` does not judge the chain with rules of its own: it asks OpenSSL, with the command
+  line of a TLS peer (``openssl verify -purpose sslserver`` and/or ``sslclient`` per
+  ``--purpose``, default ``both``; ``-crl_check_all -CRLfile`` with ``--crl``), so it never says
+  OK where OpenSSL refuses (path length, name constraints, keyUsage/extendedKeyUsage/nsCertType
+  for the role, critical extensions, signatures, dates at every level, CRL scope, CRL signature
+  and dates, revocation).  Every OpenSSL error becomes one line ``keyword: detail``
+  (``untrusted``, ``expired``, ``not_yet_valid``, ``revoked``, ``path_length``,
+  ``name_constraints``, ``purpose``, ``invalid_ca``, ``critical_extension``, ``crl_invalid``,
+  ``crl_expired``, ``crl_not_yet_valid``, ``crl_scope``, ``crl_unsupported``…, see
+  ``KEYWORDS``); the same failure seen in several runs is printed once, and a purpose failure
+  names every role it breaks.  OpenSSL stops at a certificate that is not yet valid, so then
+  ``check`` runs it once more without date checks to report what lies behind.  Checks of our
+  own, on top: ``--name`` (the RFC 9525 matcher Domain Security uses), and delta CRLs are
+  refused (``crl_unsupported``), deliberately stricter than OpenSSL, which takes a lone delta
+  for a complete CRL and ignores what a delta adds to its base; indirect CRLs (which OpenSSL
+  uses only with ``-extended_crl``) are refused by name too.  Trust is what Postfix's
+  ``smtpd_tls_CAfile`` gives: only ``--ca`` (``-no-CApath -no-CAstore``), whose self-signed
+  certificates are the anchors (no ``-partial_chain``: an intermediate there only helps build
+  the path to its root); a self-signed end-entity certificate listed there is trusted as
+  itself.  Without ``--ca`` the system bundle is used.  Extra certificates after the leaf in the
+  checked file serve as untrusted intermediates.  With ``--crl`` every certificate in the path,
+  the root included, needs a current CRL from its issuer in the file (``-crl_check_all``).
+  ``$MILTERD_OPENSSL`` names another ``openssl`` binary (3.0 or later).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import json
 import logging
 import os
+import re
+import shutil
 import ssl
+import subprocess
 import sys
+import tempfile
 import tomllib
 import warnings
 from dataclasses import dataclass
@@ -162,10 +188,28 @@ def _write_pair(key_path: str, key_data: bytes, public_path: str, public_data: b
 
 
 def _ensure_dir(path: str) -> None:
-    try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-    except OSError as exc:
-        raise CertError("cannot create directory %s: %s" % (path, exc.strerror or exc)) from None
+    """Make ``path`` and every missing parent with mode 0700 (existing directories are left alone).
+
+    Why: ``os.makedirs(mode=...)`` applies the mode to the last directory only (and through the
+    umask), so ``--out /new/a/b`` would leave ``/new`` and ``/new/a`` world-readable on the way to
+    key material.
+    """
+    missing: list[str] = []
+    cur = os.path.abspath(path)
+    while not os.path.lexists(cur):
+        missing.append(cur)
+        parent = os.path.dirname(cur)
+        if parent == cur:
+            break
+        cur = parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            continue  # made meanwhile by someone else: not ours to chmod
+        except OSError as exc:
+            raise CertError("cannot create directory %s: %s" % (directory, exc.strerror or exc)) from None
+        os.chmod(directory, 0o700)  # mkdir's mode went through the umask
     if not os.path.isdir(path):
         raise CertError("%s is not a directory" % path)
 
@@ -563,57 +607,54 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 Failure = tuple[str, str]
 
+#: ``--purpose`` -> the roles checked; each role is one ``openssl verify -purpose`` run.
+PURPOSES: dict[str, tuple[str, ...]] = {"server": ("server",), "client": ("client",), "both": ("server", "client")}
+_OPENSSL_PURPOSE = {"server": "sslserver", "client": "sslclient"}
+_ROLE_TEXT = {"server": "TLS server", "client": "TLS client"}
 
-def _is_ca(cert: x509.Certificate, anchor: bool) -> bool:
-    """May ``cert`` issue certificates?  An anchor without basicConstraints (v1 root) may."""
-    try:
-        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        return anchor
-    if not bc.ca:
-        return False
-    try:
-        ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
-    except x509.ExtensionNotFound:
-        return True
-    return ku.key_cert_sign
+# OpenSSL X509_V_ERR_* numbers (as renumbered in 3.0; later 3.x releases only append), named by
+# the keyword ``check`` prints.  A code not listed here is still a refusal, printed as ``refused``
+# with OpenSSL's own text.
+_KEYWORD_CODES: dict[str, tuple[int, ...]] = {
+    "untrusted": (2, 4, 6, 7, 18, 19, 20, 21, 24, 27, 28, 29, 30, 31, 55, 76, 77),
+    "not_yet_valid": (9,),
+    "expired": (10,),
+    "revoked": (23,),
+    "crl_invalid": (3, 5, 8, 15, 16, 33, 35, 54),
+    "crl_not_yet_valid": (11,),
+    "crl_expired": (12,),
+    "crl_scope": (44,),
+    "crl_unsupported": (36, 45),
+    "chain_too_long": (22,),
+    "path_length": (25, 38),
+    "purpose": (26,),
+    "invalid_ca": (32, 37, 79),
+    "critical_extension": (34,),
+    "malformed": (13, 14, 41, 78, 93, 94),
+    "policy": (42, 43),
+    "name_constraints": (47, 48, 49, 51, 52, 53),
+    "weak_key": (66, 67),
+    "weak_signature": (68,),
+}
+_CODE_KEYWORD = {code: kw for kw, codes in _KEYWORD_CODES.items() for code in codes}
+#: Every keyword ``check`` can print, besides ``name_mismatch`` (ours) and ``refused`` (fallback).
+KEYWORDS = frozenset(_KEYWORD_CODES) | {"name_mismatch", "refused"}
+_CRL_KEYWORDS = frozenset({"revoked", "crl_invalid", "crl_not_yet_valid", "crl_expired", "crl_scope",
+                           "crl_unsupported"})
+# Errors raised while OpenSSL builds the path, i.e. before it looks at any CRL.
+_PATH_BUILDING_CODES = frozenset({2, 18, 19, 20, 21, 22, 27, 28, 55})
+_TIME_CODES = frozenset({9, 10})
 
-
-def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
-    try:
-        child.verify_directly_issued_by(parent)
-        return True
-    except Exception:  # InvalidSignature, mismatched names, unsupported algorithms: not issued
-        return False
-
-
-def build_chain(
-    leaf: x509.Certificate, intermediates: Sequence[x509.Certificate], anchors: Sequence[x509.Certificate]
-) -> list[x509.Certificate] | None:
-    """A verified path leaf -> ... -> anchor (signatures and CA flags), or None.
-
-    Depth-first so that a wrong same-named candidate does not hide a right one.
-    """
-
-    def extend(path: list[x509.Certificate]) -> list[x509.Certificate] | None:
-        cur = path[-1]
-        if cur in anchors:  # the very certificate is trusted (e.g. a self-signed peer cert)
-            return path
-        for anchor in anchors:
-            if anchor.subject == cur.issuer and _is_ca(anchor, True) and _issued_by(cur, anchor):
-                return path if anchor == cur else path + [anchor]
-        if len(path) >= _MAX_CHAIN:
-            return None
-        for cand in intermediates:
-            if cand in path or cand.subject != cur.issuer:
-                continue
-            if _is_ca(cand, False) and _issued_by(cur, cand):
-                found = extend(path + [cand])
-                if found:
-                    return found
-        return None
-
-    return extend([leaf])
+_EKU_NAMES = {
+    "1.3.6.1.5.5.7.3.1": "serverAuth", "1.3.6.1.5.5.7.3.2": "clientAuth", "1.3.6.1.5.5.7.3.3": "codeSigning",
+    "1.3.6.1.5.5.7.3.4": "emailProtection", "1.3.6.1.5.5.7.3.8": "timeStamping", "1.3.6.1.5.5.7.3.9": "OCSPSigning",
+    "2.5.29.37.0": "anyExtendedKeyUsage",
+}
+_KU_NAMES = (("digital_signature", "digitalSignature"), ("content_commitment", "nonRepudiation"),
+             ("key_encipherment", "keyEncipherment"), ("data_encipherment", "dataEncipherment"),
+             ("key_agreement", "keyAgreement"), ("key_cert_sign", "keyCertSign"), ("crl_sign", "cRLSign"))
+_NS_CERT_TYPE = x509.ObjectIdentifier("2.16.840.1.113730.1.1")
+_ERROR_LINE = re.compile(r"^(\[CRL path\] )?error (\d+) at (-?\d+) depth lookup: ?(.*)$")
 
 
 def _default_anchors() -> list[x509.Certificate]:
@@ -645,6 +686,347 @@ def _load_crls(path: str) -> list[x509.CertificateRevocationList]:
         return []
 
 
+@functools.lru_cache(maxsize=4)
+def _openssl_for(configured: str | None) -> str:
+    """The ``openssl`` binary to verify with: ``$MILTERD_OPENSSL`` or the one on PATH (>= 3.0)."""
+    path = configured or shutil.which("openssl") or "/usr/bin/openssl"
+    try:
+        proc = subprocess.run([path, "version"], capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise CertError("cert check needs the openssl command (Debian package openssl): %s" % exc) from None
+    m = re.match(r"OpenSSL (\d+)\.", proc.stdout)
+    if proc.returncode != 0 or not m or int(m.group(1)) < 3:
+        raise CertError("cert check needs OpenSSL 3.0 or later; %s says %r"
+                        % (path, (proc.stdout or proc.stderr).strip()[:80]))
+    return path
+
+
+def _openssl() -> str:
+    return _openssl_for(os.environ.get("MILTERD_OPENSSL"))
+
+
+@dataclass(frozen=True)
+class VerifyError:
+    """One error line of ``openssl verify``: code, depth in the path, printed subject, text."""
+
+    code: int
+    depth: int
+    subject: str | None
+    message: str
+    crl_path: bool = False
+
+
+@dataclass
+class VerifyRun:
+    ok: bool
+    errors: list[VerifyError]
+    output: str
+
+
+def parse_verify_output(text: str) -> list[VerifyError]:
+    """The ``error N at D depth lookup: ...`` lines, each with the subject line printed before it."""
+    errors: list[VerifyError] = []
+    previous: str | None = None
+    for line in text.splitlines():
+        m = _ERROR_LINE.match(line.strip())
+        if m:
+            errors.append(VerifyError(int(m.group(2)), int(m.group(3)), previous, m.group(4).strip(), bool(m.group(1))))
+            previous = None
+        else:
+            previous = line.strip() or None
+    return errors
+
+
+class _Verifier:
+    """Runs ``openssl verify`` on files written once into a private temporary directory.
+
+    The command is what a TLS peer's OpenSSL does: ``-purpose sslserver|sslclient``, trust only in
+    ``--ca`` (``-no-CApath -no-CAstore``; anchored at a self-signed certificate, as without
+    ``-partial_chain`` in Postfix), the rest of the checked file as untrusted intermediates, and
+    with ``--crl`` the CRLs of every certificate in the path (``-crl_check_all``).
+    """
+
+    def __init__(self, tmp: str, leaf: x509.Certificate, extra: Sequence[x509.Certificate],
+                 anchors: Sequence[x509.Certificate], crls: Sequence[x509.CertificateRevocationList] | None,
+                 now: _dt.datetime | None) -> None:
+        self.openssl = _openssl()
+
+        def put(name: str, objs: Sequence[Any]) -> str:
+            path = os.path.join(tmp, name)
+            with open(path, "wb") as fh:
+                fh.write(b"".join(o.public_bytes(serialization.Encoding.PEM) for o in objs))
+            return path
+
+        self.leaf = put("leaf.pem", [leaf])
+        self.base = [self.openssl, "verify", "-no-CApath", "-no-CAstore", "-CAfile", put("anchors.pem", anchors),
+                     "-nameopt", "RFC2253,-esc_msb"]
+        if extra:
+            self.base += ["-untrusted", put("untrusted.pem", extra)]
+        if now is not None:
+            self.base += ["-attime", str(int(now.timestamp()))]
+        self.crl_args = ["-crl_check_all", "-CRLfile", put("crls.pem", crls)] if crls else []
+
+    def run(self, role: str, *, with_crls: bool = False, check_time: bool = True) -> VerifyRun:
+        cmd = self.base + ["-purpose", _OPENSSL_PURPOSE[role]]
+        if with_crls:
+            cmd += self.crl_args
+        if not check_time:
+            cmd.append("-no_check_time")
+        try:
+            proc = subprocess.run(cmd + [self.leaf], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True, errors="replace", timeout=60, check=False)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise CertError("cannot run %s verify: %s" % (self.openssl, exc)) from None
+        return VerifyRun(proc.returncode == 0, parse_verify_output(proc.stdout), proc.stdout)
+
+
+# ----- turning OpenSSL's errors into one line per failure
+
+
+class _Explainer:
+    """Maps an OpenSSL error back to the certificate (and CRL) it is about, and says it plainly."""
+
+    def __init__(self, leaf: x509.Certificate, others: Sequence[x509.Certificate],
+                 crls: Sequence[x509.CertificateRevocationList], now: _dt.datetime | None = None) -> None:
+        self.leaf = leaf
+        self.by_subject: dict[str, list[x509.Certificate]] = {}
+        for cert in [leaf, *others]:
+            self.by_subject.setdefault(cert.subject.rfc4514_string(), []).append(cert)
+        self.crls = list(crls)
+        self.now = now or _now()
+
+    def cert_for(self, err: VerifyError) -> x509.Certificate | None:
+        """The certificate OpenSSL printed (``-nameopt RFC2253,-esc_msb`` = ``rfc4514_string()``).
+
+        Of several with that subject, one whose dates fit a date error; only the wording depends
+        on this choice, never the verdict.
+        """
+        if err.depth == 0 and not err.crl_path:
+            return self.leaf
+        found = self.by_subject.get(err.subject or "", [])
+        fits = {9: lambda c: c.not_valid_before_utc > self.now, 10: lambda c: c.not_valid_after_utc < self.now}
+        return next((c for c in found if fits.get(err.code, bool)(c)), found[0] if found else None)
+
+    def who(self, err: VerifyError, cert: x509.Certificate | None) -> str:
+        if cert is not None:
+            name = cert.subject.rfc4514_string() or "(empty subject)"
+        else:
+            name = err.subject or "the certificate at depth %d" % err.depth
+        if err.crl_path:
+            return "CRL issuer certificate %s" % name
+        return name if err.depth == 0 else "issuing CA %s" % name
+
+    def crl_keyword(self, err: VerifyError) -> str:
+        """OpenSSL says "unable to get certificate CRL" also when the only CRLs are narrowed by an
+        issuingDistributionPoint (e.g. onlySomeReasons): that is a scope failure, named as such."""
+        if err.crl_path:
+            return "crl_invalid"
+        cert = self.cert_for(err)
+        if err.code == 3 and cert is not None and any(_crl_scope(c) for c in self.crls_from(cert.issuer)):
+            return "crl_scope"
+        return _CODE_KEYWORD[err.code]
+
+    def crls_from(self, issuer: x509.Name) -> list[x509.CertificateRevocationList]:
+        return [c for c in self.crls if c.issuer == issuer]
+
+    def explain(self, keyword: str, err: VerifyError) -> str:
+        """One sentence naming the certificate (or CRL) and what is wrong with it."""
+        cert = self.cert_for(err)
+        who = self.who(err, cert)
+        issuer = cert.issuer.rfc4514_string() if cert is not None else "its issuer"
+        text = None
+        if keyword == "expired" and cert is not None:
+            text = "%s expired on %s" % (who, _iso(cert.not_valid_after_utc))
+        elif keyword == "not_yet_valid" and cert is not None:
+            text = "%s is not valid before %s" % (who, _iso(cert.not_valid_before_utc))
+        elif keyword == "untrusted":
+            missing = "no path from %s to a trusted CA: its issuer %s is neither a trusted CA nor in the checked" \
+                      " file" % (who, issuer)
+            text = {
+                2: missing,
+                20: missing,
+                18: "%s is self-signed and not a trusted CA" % who,
+                19: "%s is self-signed and not a trusted CA" % who,
+                7: "the signature on %s does not verify with the key of %s (forged, or another CA of that name)"
+                   % (who, issuer),
+            }.get(err.code)
+        elif keyword == "revoked" and cert is not None:
+            when = ""
+            for crl in self.crls_from(cert.issuer):
+                entry = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
+                if entry is not None:
+                    when = " on %s" % _iso(entry.revocation_date_utc)
+                    break
+            text = "%s (serial %X) was revoked%s" % (who, cert.serial_number, when)
+        elif keyword == "path_length":
+            limit = _path_length(cert)
+            text = "%s allows %s CA certificate(s) below it (pathLenConstraint) and this path has more" % (
+                who, "at most %d" % limit if limit is not None else "a limited number of")
+        elif keyword == "invalid_ca":
+            text = "%s issues certificates but may not: %s" % (who, _ca_problem(cert))
+        elif keyword == "critical_extension":
+            oids = _unknown_critical(cert)
+            text = "%s has a critical extension OpenSSL does not handle%s" % (
+                who, " (%s)" % ", ".join(oids) if oids else "")
+        elif keyword == "name_constraints":
+            text = "%s (%s) is outside the name constraints of an issuing CA" % (who, _names(cert))
+        elif keyword in _CRL_KEYWORDS and cert is not None:
+            text = self._explain_crl(keyword, err, cert, who, issuer)
+        if text is None:
+            text = "%s: %s" % (who, err.message)
+        return text
+
+    def _explain_crl(self, keyword: str, err: VerifyError, cert: x509.Certificate, who: str, issuer: str) -> str | None:
+        crls = self.crls_from(cert.issuer)
+        if keyword == "crl_expired":
+            due = [c.next_update_utc for c in crls if c.next_update_utc is not None]
+            return "the CRL from %s was due for update on %s" % (issuer, _iso(min(due))) if due else None
+        if keyword == "crl_not_yet_valid":
+            return "the CRL from %s is not valid before %s" % (issuer, _iso(max(c.last_update_utc for c in crls))) \
+                if crls else None
+        if keyword == "crl_scope" or (err.code == 3 and any(_crl_scope(c) for c in crls)):
+            scopes = sorted({s for c in crls for s in _crl_scope(c)})
+            return "no CRL from %s covers %s: %s" % (
+                issuer, who, "; ".join(scopes) or "its issuingDistributionPoint does not match")
+        if err.code == 3:
+            if not crls:
+                return "no CRL from %s (needed for %s) in the CRL file" % (issuer, who)
+            return "no usable CRL from %s for %s" % (issuer, who)
+        if err.code in (5, 8):
+            return "the CRL from %s has a bad signature" % issuer
+        if err.code == 33:
+            return "cannot find the certificate of %s, which issued the CRL for %s" % (issuer, who)
+        if err.code == 35:
+            return "the CRL for %s is signed by %s, whose keyUsage lacks cRLSign" % (who, issuer)
+        if keyword == "crl_unsupported":
+            return "the CRL from %s has a critical extension or feature OpenSSL does not handle" % issuer
+        return None
+
+
+def _path_length(cert: x509.Certificate | None) -> int | None:
+    if cert is None:
+        return None
+    try:
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.path_length
+    except (x509.ExtensionNotFound, ValueError):
+        return None
+
+
+def _ca_problem(cert: x509.Certificate | None) -> str:
+    if cert is None:
+        return "it is not a CA certificate"
+    try:
+        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        return "it has no basicConstraints extension"
+    except ValueError:
+        return "its extensions cannot be parsed"
+    if not bc.ca:
+        return "basicConstraints says CA:FALSE"
+    try:
+        ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+        if not ku.key_cert_sign:
+            return "its keyUsage lacks keyCertSign"
+    except (x509.ExtensionNotFound, ValueError):
+        pass
+    return "it is not a valid CA certificate"
+
+
+def _unknown_critical(cert: x509.Certificate | None) -> list[str]:
+    if cert is None:
+        return []
+    try:
+        return [e.oid.dotted_string for e in cert.extensions
+                if e.critical and isinstance(e.value, x509.UnrecognizedExtension)]
+    except ValueError:
+        return []
+
+
+def _names(cert: x509.Certificate | None) -> str:
+    if cert is None:
+        return "its names"
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = [str(getattr(g, "value", g)) for g in san]
+    except (x509.ExtensionNotFound, ValueError):
+        names = ["CN " + cn for cn in _cns(cert)]
+    return "names: " + (", ".join(names) if names else "none")
+
+
+def usage_summary(cert: x509.Certificate | None) -> str:
+    """keyUsage / extendedKeyUsage / nsCertType of ``cert`` in a few words (for ``purpose`` failures)."""
+    if cert is None:
+        return "unknown key usage"
+    parts: list[str] = []
+    try:
+        exts = cert.extensions
+    except ValueError:
+        return "extensions cannot be parsed"
+    for ext in exts:
+        if isinstance(ext.value, x509.ExtendedKeyUsage):
+            parts.append("extendedKeyUsage " + ",".join(_EKU_NAMES.get(o.dotted_string, o.dotted_string)
+                                                        for o in ext.value))
+        elif isinstance(ext.value, x509.KeyUsage):
+            ku = ext.value
+            flags = [rfc for attr, rfc in _KU_NAMES if getattr(ku, attr)]
+            parts.append("keyUsage " + (",".join(flags) or "empty"))
+        elif ext.oid == _NS_CERT_TYPE:
+            parts.append("Netscape cert type restricted")
+    return "; ".join(parts) or "no keyUsage/extendedKeyUsage"
+
+
+def _crl_scope(crl: x509.CertificateRevocationList) -> list[str]:
+    """What an issuingDistributionPoint narrows a CRL to, in words ([] = a full CRL)."""
+    try:
+        idp = crl.extensions.get_extension_for_class(x509.IssuingDistributionPoint).value
+    except (x509.ExtensionNotFound, ValueError):
+        return []
+    out = []
+    if idp.only_contains_ca_certs:
+        out.append("it covers only CA certificates (onlyContainsCACerts)")
+    if idp.only_contains_user_certs:
+        out.append("it covers only end-entity certificates (onlyContainsUserCerts)")
+    if idp.only_contains_attribute_certs:
+        out.append("it covers only attribute certificates (onlyContainsAttributeCerts)")
+    if idp.only_some_reasons:
+        out.append("it covers only some reasons (onlySomeReasons: %s)"
+                   % ",".join(sorted(r.value for r in idp.only_some_reasons)))
+    if idp.full_name or idp.relative_name:
+        out.append("it is partitioned by distribution point")
+    return out
+
+
+def _crl_precheck(crls: Sequence[x509.CertificateRevocationList]) -> tuple[list[Failure], set[x509.Name]]:
+    """Delta and indirect CRLs, refused outright (a deliberate choice, stricter than OpenSSL).
+
+    OpenSSL 3.0 treats a delta CRL without its base as complete and ignores the revocations a
+    delta adds to a base (even with ``-use_deltas``), and uses an indirect CRL only with
+    ``-extended_crl``: either way "not revoked" would not be established.  Returns the failures
+    and the issuers concerned (so OpenSSL's "no CRL" for them is not reported a second time).
+    """
+    failures: list[Failure] = []
+    issuers: set[x509.Name] = set()
+    for crl in crls:
+        who = crl.issuer.rfc4514_string() or "(empty issuer)"
+        try:
+            exts = crl.extensions
+        except ValueError as exc:
+            failures.append(("crl_invalid", "the CRL from %s has unreadable extensions: %s" % (who, exc)))
+            issuers.add(crl.issuer)
+            continue
+        for ext in exts:
+            if isinstance(ext.value, x509.DeltaCRLIndicator):
+                failures.append(("crl_unsupported", "the CRL from %s is a delta CRL (base CRL number %d): not"
+                                 " supported, since OpenSSL ignores what it revokes; give the complete CRL"
+                                 % (who, ext.value.crl_number)))
+                issuers.add(crl.issuer)
+            elif isinstance(ext.value, x509.IssuingDistributionPoint) and ext.value.indirect_crl:
+                failures.append(("crl_unsupported", "the CRL from %s is an indirect CRL: not supported; give"
+                                 " a CRL issued by the certificate's own CA" % who))
+                issuers.add(crl.issuer)
+    return failures, issuers
+
+
 def check_certificate(
     leaf: x509.Certificate,
     extra: Sequence[x509.Certificate],
@@ -652,87 +1034,111 @@ def check_certificate(
     crls: Sequence[x509.CertificateRevocationList] | None = None,
     name: str | None = None,
     now: _dt.datetime | None = None,
+    purpose: str = "both",
 ) -> list[Failure]:
     """Every reason ``leaf`` is not acceptable, as (keyword, detail) pairs; [] means OK.
 
+    The chain is judged by OpenSSL itself (``openssl verify``, the library Postfix and most
+    partners use), once per role in ``purpose``; ``[]`` is returned only if every run succeeded.
     ``crls``: None = no revocation check; [] = a CRL file was given but nothing in it parsed.
     """
-    now = now or _now()
+    if purpose not in PURPOSES:
+        raise CertError("--purpose %r: use server, client or both" % purpose)
     failures: list[Failure] = []
-    subj = leaf.subject.rfc4514_string() or "(empty subject)"
-    if leaf.not_valid_after_utc < now:
-        failures.append(("expired", "%s expired on %s" % (subj, _iso(leaf.not_valid_after_utc))))
-    if leaf.not_valid_before_utc > now:
-        failures.append(("not_yet_valid", "%s is not valid before %s" % (subj, _iso(leaf.not_valid_before_utc))))
-    chain: list[x509.Certificate] | None = None
     if not anchors:
         failures.append(("untrusted", "no trusted CA certificates (give --ca)"))
     else:
-        pool = list(extra) + [a for a in anchors]
-        chain = build_chain(leaf, pool, anchors)
-        if chain is None:
-            failures.append(("untrusted", "no verified path from %s to a trusted CA (issuer %s)"
-                             % (subj, leaf.issuer.rfc4514_string())))
-        else:
-            for ca in chain[1:]:
-                ca_subj = ca.subject.rfc4514_string()
-                if ca.not_valid_after_utc < now:
-                    failures.append(("expired", "issuing CA %s expired on %s" % (ca_subj, _iso(ca.not_valid_after_utc))))
-                if ca.not_valid_before_utc > now:
-                    failures.append(("not_yet_valid", "issuing CA %s is not valid before %s"
-                                     % (ca_subj, _iso(ca.not_valid_before_utc))))
-    if crls is not None:
-        failures.extend(_check_revocation(leaf, chain, list(extra) + list(anchors), crls, now))
+        failures.extend(_verify(leaf, extra, anchors, crls, now, PURPOSES[purpose]))
+    if crls is not None and not crls:
+        failures.append(("crl_invalid", "the CRL file holds no readable CRL"))
+    elif crls is not None and not anchors:
+        failures.append(("crl_invalid", "revocation not checked: no trusted CA to verify the CRLs with"))
     if name is not None:
         failures.extend(_check_name(leaf, name))
     return failures
 
 
-def _check_revocation(
-    leaf: x509.Certificate,
-    chain: list[x509.Certificate] | None,
-    known: Sequence[x509.Certificate],
-    crls: Sequence[x509.CertificateRevocationList],
-    now: _dt.datetime,
-) -> list[Failure]:
-    """Revocation of every non-anchor certificate in the path against CRLs from its issuer.
-
-    The leaf's issuer must have a valid CRL in the file (else ``crl_invalid``): an unusable CRL
-    is a failure, not a pass.  A CRL is believed only if its signature verifies with the issuer key.
-    """
-    if not crls:
-        return [("crl_invalid", "the CRL file holds no readable CRL")]
-    failures: list[Failure] = []
-    subjects = chain[:-1] if chain and len(chain) > 1 else [leaf]
-    for idx, cert in enumerate(subjects):
-        issuer_cert = chain[idx + 1] if chain and len(chain) > idx + 1 else next(
-            (c for c in known if c.subject == cert.issuer and _issued_by(cert, c)), None)
-        candidates = [c for c in crls if c.issuer == cert.issuer]
-        if not candidates:
-            if cert is leaf:
-                failures.append(("crl_invalid", "no CRL from the issuer %s in the CRL file" % cert.issuer.rfc4514_string()))
-            continue
-        good = []
-        for crl in candidates:
-            if issuer_cert is None:
-                failures.append(("crl_invalid", "cannot verify the CRL from %s: issuer certificate not found"
-                                 % crl.issuer.rfc4514_string()))
-            elif not crl.is_signature_valid(issuer_cert.public_key()):  # type: ignore[arg-type]
-                failures.append(("crl_invalid", "the CRL from %s has a bad signature" % crl.issuer.rfc4514_string()))
-            else:
-                good.append(crl)
-        for crl in good:
-            nu = crl.next_update_utc
-            if nu is not None and nu < now:
-                failures.append(("crl_expired", "the CRL from %s was due for update on %s"
-                                 % (crl.issuer.rfc4514_string(), _iso(nu))))
-            entry = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
-            if entry is not None:
-                failures.append(("revoked", "%s (serial %X) was revoked on %s"
-                                 % (cert.subject.rfc4514_string(), cert.serial_number,
-                                    _iso(entry.revocation_date_utc))))
-                break
+def _verify(leaf: x509.Certificate, extra: Sequence[x509.Certificate], anchors: Sequence[x509.Certificate],
+            crls: Sequence[x509.CertificateRevocationList] | None, now: _dt.datetime | None,
+            roles: Sequence[str]) -> list[Failure]:
+    explainer = _Explainer(leaf, [*extra, *anchors], crls or [], now)
+    # (keyword, error, role); purpose errors are merged across roles below.
+    found: list[tuple[str, VerifyError, str]] = []
+    failed_runs: list[str] = []  # last output line of every run that did not say OK
+    crl_failures: list[Failure] = []
+    skip_crl_issuers: set[x509.Name] = set()
+    with tempfile.TemporaryDirectory(prefix="milterd-cert-check-") as tmp:
+        verifier = _Verifier(tmp, leaf, extra, anchors, crls, now)
+        for role in roles:
+            run = verifier.run(role)
+            found.extend((_CODE_KEYWORD.get(e.code, "refused"), e, role) for e in run.errors)
+            if any(e.code == 9 for e in run.errors):
+                # "not yet valid" stops OpenSSL before the later checks (e.g. name constraints):
+                # run again without time checks to report those too.
+                found.extend((_CODE_KEYWORD.get(e.code, "refused"), e, role)
+                             for e in verifier.run(role, check_time=False).errors if e.code not in _TIME_CODES)
+            if not run.ok:
+                failed_runs.append(_last_line(run.output))
+        if crls:
+            crl_failures, skip_crl_issuers = _crl_precheck(crls)
+            run = verifier.run(roles[0], with_crls=True)
+            crl_errors = [e for e in run.errors if e.crl_path or _CODE_KEYWORD.get(e.code) in _CRL_KEYWORDS]
+            for e in crl_errors:
+                cert = explainer.cert_for(e)
+                if e.code == 3 and cert is not None and cert.issuer in skip_crl_issuers:
+                    continue  # already refused as a delta / indirect CRL
+                found.append((explainer.crl_keyword(e), e, roles[0]))
+            if not crl_errors and any(e.code in _PATH_BUILDING_CODES for e in run.errors):
+                crl_failures.append(("crl_invalid", "revocation not checked: the CRLs cannot be verified"
+                                     " without a trusted path"))
+            if not run.ok:
+                failed_runs.append(_last_line(run.output))
+    failures = _merge(found, explainer) + crl_failures
+    if not failures:  # never OK when a run failed, even if nothing in its output could be read
+        failures = [("refused", "openssl verify refused it: %s" % r) for r in dict.fromkeys(failed_runs)]
     return failures
+
+
+def _last_line(output: str) -> str:
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    return lines[-1][:200] if lines else "no output"
+
+
+def _merge(found: list[tuple[str, VerifyError, str]], explainer: _Explainer) -> list[Failure]:
+    """One line per failure.
+
+    The same failure seen in several runs, or as several OpenSSL errors about the same thing
+    (``invalid CA`` and ``no keyCertSign`` for one CA; one stale CRL met at two depths), is one
+    line ending in every OpenSSL error behind it; a purpose failure names every role it breaks.
+    """
+
+    def key(e: VerifyError) -> tuple[int, str | None, bool]:
+        return e.depth, e.subject, e.crl_path
+
+    not_ca = {key(e) for kw, e, _ in found if kw == "invalid_ca"}
+    roles: dict[tuple[int, str | None, bool], list[str]] = {}
+    for kw, e, role in found:
+        if kw == "purpose" and role not in roles.setdefault(key(e), []):
+            roles[key(e)].append(role)
+    lines: dict[tuple[str, str], list[str]] = {}
+    for kw, e, _ in found:
+        if kw == "purpose":
+            if key(e) in not_ca:
+                continue  # "not a CA" already says why it cannot issue for any purpose
+            cert = explainer.cert_for(e)
+            who = explainer.who(e, cert)
+            what = " or ".join(_ROLE_TEXT[r] for r in roles[key(e)])
+            if e.depth == 0:
+                detail = "%s is not usable as a %s certificate (%s)" % (who, what, usage_summary(cert))
+            else:
+                detail = "%s may not issue %s certificates (%s)" % (who, what, usage_summary(cert))
+        else:
+            detail = explainer.explain(kw, e)
+        notes = lines.setdefault((kw, detail), [])
+        note = "%d: %s" % (e.code, e.message)
+        if note not in notes:
+            notes.append(note)
+    return [(kw, "%s [OpenSSL %s]" % (detail, "; ".join(notes))) for (kw, detail), notes in lines.items()]
 
 
 def _check_name(leaf: x509.Certificate, name: str) -> list[Failure]:
@@ -749,7 +1155,7 @@ def _check_name(leaf: x509.Certificate, name: str) -> list[Failure]:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Check one certificate as a peer would; list every failure with its keyword."""
+    """Check one certificate as a TLS peer's OpenSSL would; list every failure with its keyword."""
     name = None
     if args.name is not None:
         name = normalize_dns_name(args.name)
@@ -758,7 +1164,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     certs = _load_cert_file(args.cert)
     anchors = _load_cert_file(args.ca, "CA file") if args.ca else _default_anchors()
     crls = _load_crls(args.crl) if args.crl else None
-    failures = check_certificate(certs[0], certs[1:], anchors, crls, name)
+    failures = check_certificate(certs[0], certs[1:], anchors, crls, name, purpose=args.purpose)
     if not failures:
         print("OK")
         return 0
@@ -836,9 +1242,12 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_runner(cmd_list, "list"))
 
-    p = sub.add_parser("check", help="verify chain, dates, revocation and name of a certificate")
+    p = sub.add_parser("check", help="verify a certificate the way a TLS peer's OpenSSL does")
     p.add_argument("cert", metavar="CERT", help="PEM file: the certificate, optionally followed by intermediates")
     p.add_argument("--ca", metavar="FILE", help="trusted CA certificates (default: the system bundle)")
     p.add_argument("--crl", metavar="FILE", help="CRL(s), PEM or DER")
     p.add_argument("--name", metavar="HOST", help="host name the certificate must match")
+    p.add_argument("--purpose", choices=sorted(PURPOSES), default="both",
+                   help="the TLS role(s) the certificate must be usable for (default both: an MTA"
+                        " certificate serves inbound TLS and is the client certificate outbound)")
     p.set_defaults(func=_runner(cmd_check, "check"))

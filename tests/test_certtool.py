@@ -416,10 +416,11 @@ def test_check_intermediate_from_cert_file_or_ca_bundle(tmp_path: Path, capsys, 
 
 
 def test_check_leaf_cannot_act_as_ca(tmp_path: Path, capsys, pki) -> None:
-    """A non-CA leaf used as an 'intermediate' must not make a chain."""
+    """A non-CA leaf used as an 'intermediate' must not make a chain (one line, not one per check)."""
     sub = make_leaf(Issued(pki["good"].cert, pki["good"].key), "mail.evil.test")
     code, lines = check(capsys, tmp_path, pem(sub.cert, pki["good"].cert), pem(pki["root"].cert))
-    assert code == 1 and keywords(lines) == ["untrusted"]
+    assert code == 1 and keywords(lines) == ["invalid_ca"]
+    assert "issuing CA CN=mail.woodgrovebank.test" in lines[0] and "CA:FALSE" in lines[0]
 
 
 def test_check_expired_intermediate(tmp_path: Path, capsys, pki) -> None:
@@ -530,3 +531,112 @@ def test_check_self_signed_leaf_trusted_only_when_listed(tmp_path: Path, capsys)
     other = make_ca("Other")
     code, lines = check(capsys, tmp_path, pem(cert), pem(other.cert), "--name", "mx.partner.test")
     assert code == 1 and keywords(lines) == ["untrusted"]
+
+
+# --------------------------------------------------------------------------- directories 0700
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o022])
+def test_request_and_import_make_every_new_directory_0700(tmp_path: Path, capsys, pki, umask: int) -> None:
+    """Every directory created on the way to --out/--store is 0700, whatever the umask;
+    directories that already existed keep their mode."""
+    tmp_path.chmod(0o755)
+    old = os.umask(umask)
+    try:
+        out = tmp_path / "new" / "deeper" / "req"
+        code, _, err = run(capsys, "request", "--subject", "CN=mx.contoso.test", "--key", "ec:p256", "--out", str(out))
+        assert code == 0, err
+        leaf = make_leaf(pki["inter"], "mail.woodgrovebank.test")
+        pfx = openssl_pkcs12(tmp_path, leaf, [pki["inter"].cert])
+        store = tmp_path / "new" / "store" / "certs"
+        code, _, err = run(capsys, "import", str(pfx), "--store", str(store))
+        assert code == 0, err
+    finally:
+        os.umask(old)
+    for d in (tmp_path / "new", tmp_path / "new" / "deeper", out, tmp_path / "new" / "store", store):
+        assert mode(d) == 0o700, d
+    assert mode(tmp_path) == 0o755
+
+
+def test_request_out_is_a_file(tmp_path: Path, capsys) -> None:
+    (tmp_path / "f").write_text("x")
+    code, _, err = run(capsys, "request", "--subject", "CN=mx.contoso.test", "--key", "ec:p256",
+                       "--out", str(tmp_path / "f" / "sub"))
+    assert code == 2 and "cannot create directory" in err
+
+
+# --------------------------------------------------------------------------- check: OpenSSL, purposes
+
+
+def test_check_purpose_option(tmp_path: Path, capsys, pki) -> None:
+    """--purpose picks the roles; the default is both, and one line names every role refused."""
+    from certtool_helpers import make_cert
+    from cryptography.x509.oid import ExtendedKeyUsageOID as EKU
+    server_only = make_cert(pki["root"], "mx.contoso.test", eku=[EKU.SERVER_AUTH])
+    email_only = make_cert(pki["root"], "mx.contoso.test", eku=[EKU.EMAIL_PROTECTION])
+    ca = pem(pki["root"].cert)
+    assert check(capsys, tmp_path, pem(server_only.cert), ca, "--purpose", "server") == (0, ["OK"])
+    code, lines = check(capsys, tmp_path, pem(server_only.cert), ca)  # default: both
+    assert code == 1 and len(lines) == 1
+    assert lines[0].startswith("purpose: CN=mx.contoso.test,O=Lab is not usable as a TLS client certificate"
+                               " (extendedKeyUsage serverAuth)")
+    code, lines = check(capsys, tmp_path, pem(email_only.cert), ca, "--purpose", "both")
+    assert code == 1 and len(lines) == 1
+    assert "not usable as a TLS server or TLS client certificate (extendedKeyUsage emailProtection)" in lines[0]
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["cert", "check", "x.pem", "--purpose", "smtp"])
+    assert exc.value.code == 2
+    with pytest.raises(certtool.CertError):
+        certtool.check_certificate(server_only.cert, [], [pki["root"].cert], purpose="smtp")
+
+
+def _fake_openssl(tmp_path: Path, version: str, verify_output: str, verify_rc: int) -> str:
+    script = tmp_path / "fake-openssl"
+    script.write_text("#!/bin/sh\nif [ \"$1\" = version ]; then echo '%s'; exit 0; fi\necho '%s'\nexit %d\n"
+                      % (version, verify_output, verify_rc))
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_check_never_ok_when_openssl_fails_without_a_parsable_reason(tmp_path: Path, capsys, pki, monkeypatch) -> None:
+    monkeypatch.setenv("MILTERD_OPENSSL", _fake_openssl(tmp_path, "OpenSSL 3.9.9 fake", "something new", 1))
+    code, lines = check(capsys, tmp_path, pem(pki["good"].cert), pem(pki["root"].cert))
+    assert code == 1 and lines == ["refused: openssl verify refused it: something new"]
+
+
+def test_check_needs_openssl_3(tmp_path: Path, capsys, pki, monkeypatch) -> None:
+    leaf = write(tmp_path / "l.pem", pem(pki["good"].cert))
+    ca = write(tmp_path / "ca.pem", pem(pki["root"].cert))
+    monkeypatch.setenv("MILTERD_OPENSSL", str(tmp_path / "no-such-openssl"))
+    code, out, err = run(capsys, "check", leaf, "--ca", ca)
+    assert code == 2 and out == "" and "needs the openssl command" in err and "Traceback" not in err
+    monkeypatch.setenv("MILTERD_OPENSSL", _fake_openssl(tmp_path, "OpenSSL 1.1.1w  11 Sep 2023", "", 0))
+    code, out, err = run(capsys, "check", leaf, "--ca", ca)
+    assert code == 2 and out == "" and "needs OpenSSL 3.0 or later" in err
+
+
+def test_parse_verify_output() -> None:
+    text = ("CN=Inter,O=Lab\nerror 10 at 1 depth lookup: certificate has expired\n"
+            "CN=Root,O=Lab\n[CRL path] error 8 at 0 depth lookup: CRL signature failure\n"
+            "error 20 at 0 depth lookup: unable to get local issuer certificate\n"
+            "error leaf.pem: verification failed\n")
+    assert certtool.parse_verify_output(text) == [
+        certtool.VerifyError(10, 1, "CN=Inter,O=Lab", "certificate has expired"),
+        certtool.VerifyError(8, 0, "CN=Root,O=Lab", "CRL signature failure", crl_path=True),
+        certtool.VerifyError(20, 0, None, "unable to get local issuer certificate"),
+    ]
+
+
+def test_check_through_the_milterd_command(tmp_path: Path, pki) -> None:
+    """The real entry point: ``python -m milterd cert check --purpose client``."""
+    import sys
+    from certtool_helpers import make_cert
+    from cryptography.x509.oid import ExtendedKeyUsageOID as EKU
+    server_only = make_cert(pki["root"], "mx.contoso.test", eku=[EKU.SERVER_AUTH])
+    leaf = write(tmp_path / "l.pem", pem(server_only.cert))
+    ca = write(tmp_path / "ca.pem", pem(pki["root"].cert))
+    base = [sys.executable, "-m", "milterd", "cert", "check", leaf, "--ca", ca]
+    proc = subprocess.run(base + ["--purpose", "server"], capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout) == (0, "OK\n"), proc.stderr
+    proc = subprocess.run(base + ["--purpose", "client"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stdout.startswith("purpose: "), proc.stdout + proc.stderr
