@@ -51,45 +51,49 @@ _AFTER = re.compile(rf"[@%][\s\[]*([^{_DELIMS}]+)")
 _BEFORE = re.compile(rf"([^{_DELIMS}]+)!")
 # A token's leading run of name characters: "woodgrovebank.test'" still names the partner.
 _NAME_HEAD = re.compile(r"[\w.\-\u3002\uff0e\uff61]+")
-_WS_AROUND = re.compile(r"\s*([.@%!\u3002\uff0e\uff61])\s*")
+_WS_AROUND = re.compile(r"\s+(?=[.@%!\u3002\uff0e\uff61])|(?<=[.@%!\u3002\uff0e\uff61])\s+")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _SHORT = 1024  # values up to this length are memoised (nearly all); longer ones are not kept
 
 
-def _strip_comments(text: str, replacement: str = "", nested: bool = True) -> str:
-    """Remove RFC 5322 comments (nested, quoted-pairs honoured); an unclosed one runs to the end.
+_COMMENT_SPECIALS = re.compile(r'[\\"()]')
 
-    Parentheses inside a quoted-string are not comments; an unclosed quote runs to the end too.
-    """
+
+def _strip_comments(text: str, replacement: str = "", nested: bool = True) -> str:
+    """Remove RFC 5322 comments (quoted-pairs honoured; nested unless ``nested`` is false); an
+    unclosed comment runs to the end.  Parentheses inside a quoted-string are not comments; an
+    unclosed quote runs to the end too.  Only the special characters are visited (hot path)."""
     if "(" not in text:
         return text
     out: list[str] = []
     depth = 0
     quoted = False
-    i, n = 0, len(text)
-    while i < n:
+    pos = 0        # start of the text not yet copied (outside comments)
+    skip_to = 0    # a quoted-pair's escaped character is not special
+    for m in _COMMENT_SPECIALS.finditer(text):
+        i = m.start()
+        if i < skip_to:
+            continue
         c = text[i]
         if c == "\\":
-            if depth == 0:
-                out.append(text[i:i + 2])
-            i += 2
+            skip_to = i + 2
             continue
         if depth:
             if c == "(" and nested:
                 depth += 1
             elif c == ")":
                 depth -= 1
-            i += 1
+                if not depth:
+                    pos = i + 1
             continue
         if c == '"':
             quoted = not quoted
         elif c == "(" and not quoted:
-            depth = 1
+            out.append(text[pos:i])
             out.append(replacement)
-            i += 1
-            continue
-        out.append(c)
-        i += 1
+            depth = 1
+    if not depth:
+        out.append(text[pos:])
     return "".join(out)
 
 
@@ -111,20 +115,29 @@ def _decode_encoded_words(text: str) -> str:
 
 
 # Default-ignorable code points that are not Cf/Cc (they render as nothing, too).
-_IGNORABLE_EXTRA = frozenset(
-    [0x034F, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x3164, 0xFFA0]
-    + list(range(0x180B, 0x1810)) + list(range(0xFE00, 0xFE10)) + list(range(0xE0100, 0xE01F0)))
+_IGNORABLE_EXTRA = [(0x034F, 0x034F), (0x115F, 0x1160), (0x17B4, 0x17B5), (0x180B, 0x180F),
+                    (0x3164, 0x3164), (0xFE00, 0xFE0F), (0xFFA0, 0xFFA0), (0xE0100, 0xE01EF)]
+# Fixed by the standard: surrogates and private use.
+_FIXED_INVISIBLE = [(0xD800, 0xDFFF), (0xE000, 0xF8FF), (0xF0000, 0x10FFFF)]
 
 
-def _invisible(c: str) -> bool:
-    return unicodedata.category(c) in ("Cf", "Cc", "Cs", "Co", "Cn") or ord(c) in _IGNORABLE_EXTRA
+@functools.cache
+def _invisible_re() -> re.Pattern[str]:
+    """Every format (Cf) and non-space control (Cc) character of this interpreter's Unicode
+    database (Cf lives below U+30000 and in plane 14), plus the ranges above; built once."""
+    ranges = list(_IGNORABLE_EXTRA) + list(_FIXED_INVISIBLE)
+    for cp in [*range(0x30000), *range(0xE0000, 0xE1000)]:
+        c = chr(cp)
+        if unicodedata.category(c) in ("Cf", "Cc") and not c.isspace():
+            ranges.append((cp, cp))
+    cls = "".join(f"\\U{a:08x}-\\U{b:08x}" if a != b else f"\\U{a:08x}" for a, b in ranges)
+    return re.compile(f"[{cls}]+")
 
 
 def _visible_form(text: str) -> str:
-    """Text as a reader sees it: invisible characters removed, compatibility forms folded."""
-    # Whitespace controls (CR, LF, TAB, …) still separate words for a reader: kept.
-    return unicodedata.normalize(
-        "NFKC", "".join(c for c in text if c.isspace() or not _invisible(c)))
+    """Text as a reader sees it: invisible characters removed, compatibility forms folded.
+    Whitespace controls (CR, LF, TAB, …) still separate words for a reader: kept."""
+    return unicodedata.normalize("NFKC", _invisible_re().sub("", text))
 
 
 # A comment inside a word joins its halves, one between words separates them; RFC 5322 comments
@@ -143,21 +156,21 @@ def _stored_forms(text: str) -> list[str]:
         for replacement, nested in (_COMMENT_READINGS if "(" in base else (("", True),)):
             t = _strip_comments(base, replacement, nested).replace('"', "").replace("\\", "")
             out.append(t)
-            out.append(_WS_AROUND.sub(r"\1", t))
+            out.append(_WS_AROUND.sub("", t))
     return out
 
 
 def _spellings(value: str) -> set[str]:
-    out = {value, *_stored_forms(value)}
+    bases = [value]
     if "=?" in value:
-        shown = _decode_encoded_words(value)
-        out.add(shown)
-        out.update(_stored_forms(shown))
-    if any(not s.isascii() or _CONTROL.search(s) for s in out):
-        for s in list(out):
-            visible = _visible_form(s)
-            out.add(visible)
-            out.update(_stored_forms(visible))
+        bases.append(_decode_encoded_words(value))
+    for base in list(bases):
+        if not base.isascii() or _CONTROL.search(base):
+            bases.append(_visible_form(base))
+    out: set[str] = set()
+    for base in bases:
+        out.add(base)
+        out.update(_stored_forms(base))
     return out
 
 
