@@ -28,13 +28,35 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class ListenAddress:
-    """A ``host:port`` TCP listen address (IPv6 as ``[::1]:port``)."""
+    """A ``host:port`` TCP listen address (IPv6 as ``[::1]:port``), or a unix socket ``path``."""
 
-    host: str
-    port: int
+    host: str = ""
+    port: int = 0
+    path: str | None = None          # "unix:/path" ([policy] only): host and port unused
+
+    @property
+    def is_unix(self) -> bool:
+        return self.path is not None
 
     def __str__(self) -> str:
+        if self.path is not None:
+            return f"unix:{self.path}"
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def listen_family(host: str, port: int = 0) -> int:
+    """The address family to bind ``host`` with: from the literal, else from resolving the name
+    (the first address ``getaddrinfo`` gives).  Raises OSError if a name does not resolve."""
+    import ipaddress
+    import socket
+
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+        return infos[0][0]
+    return socket.AF_INET6 if ip.version == 6 else socket.AF_INET
 
 
 @dataclass(frozen=True)
@@ -110,6 +132,7 @@ class Config:
     milter: MilterConfig = field(default_factory=MilterConfig)
     log: LogConfig = field(default_factory=LogConfig)
     policy_listen: ListenAddress | None = None
+    policy_group: str = "postfix"     # group of a unix [policy] socket (default: [milter] group)
     socketmap_listen: ListenAddress | None = None
     metrics_listen: ListenAddress | None = None
     domain_security: DomainSecurityConfig = field(default_factory=DomainSecurityConfig)
@@ -144,10 +167,16 @@ def parse_config(text: str, *, source: str = "<string>") -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{source}: TOML syntax error: {exc}"]) from None
     v = _Validator(raw)
+    milter_group = v.get("milter.group", str, MilterConfig.group, check=_group_name)
+    policy_listen = v.listen("policy.listen", allow_unix=True)
+    policy_group = v.get("policy.group", str, milter_group, check=_group_name)
+    if v.present("policy.group") and policy_listen is not None and not policy_listen.is_unix:
+        v.errors.append('policy.group: applies only to a unix socket ("unix:/path"), but '
+                        f"policy.listen is TCP ({policy_listen})")
     config = Config(
         milter=MilterConfig(
             listen=v.get("milter.listen", str, MilterConfig.listen, check=_check_milter_socket),
-            group=v.get("milter.group", str, MilterConfig.group),
+            group=milter_group,
             on_error=v.choice("milter.on_error", ("tempfail", "accept"), MilterConfig.on_error),
             timeout=v.get("milter.timeout", int, MilterConfig.timeout, check=_positive),
             plugin_timeout=float(
@@ -163,7 +192,8 @@ def parse_config(text: str, *, source: str = "<string>") -> Config:
             format=v.choice("log.format", ("text", "json"), LogConfig.format),
             level=v.choice("log.level", ("debug", "info", "warning", "error"), LogConfig.level),
         ),
-        policy_listen=v.listen("policy.listen"),
+        policy_listen=policy_listen,
+        policy_group=policy_group,
         socketmap_listen=v.listen("socketmap.listen"),
         metrics_listen=v.listen("metrics.listen"),
         domain_security=DomainSecurityConfig(
@@ -212,7 +242,7 @@ def parse_config(text: str, *, source: str = "<string>") -> Config:
 _KNOWN_KEYS = {
     "milter": {"listen", "group", "on_error", "timeout", "plugin_timeout", "stop_grace"},
     "log": {"format", "level"},
-    "policy": {"listen"},
+    "policy": {"listen", "group"},
     "socketmap": {"listen"},
     "metrics": {"listen"},
     "domain_security": {"mode", "failure_action", "receive_domains", "send_domains"},
@@ -260,24 +290,81 @@ def _header_name(value: str) -> str | None:
     return None if _HEADER_NAME.match(value) else "is not a valid header field name"
 
 
+# A group name as useradd/groupadd allow it (no '/', ':', spaces; not starting with '-').
+_GROUP_NAME = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_.-]{0,31}\$?", re.ASCII)
+# A host name for a TCP listener (resolved when the listener starts).
+_HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                        r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?", re.ASCII)
+_MAX_UNIX_PATH = 100  # sun_path is 108 bytes; libmilter's own limit is lower
+
+
+def _host_name(value: str) -> bool:
+    """A DNS host name (not an address in disguise: the last label is not all digits)."""
+    return bool(_HOST_NAME.fullmatch(value)) and not value.rstrip(".").rsplit(".", 1)[-1].isdigit()
+
+
+def _group_name(value: str) -> str | None:
+    if value == "" or _GROUP_NAME.fullmatch(value):
+        return None
+    return 'is not a group name (or "" to keep the process\'s group)'
+
+
+def _unix_path_problem(path: str) -> str | None:
+    if not path.startswith("/"):
+        return "unix socket path must be absolute"
+    if "\0" in path:
+        return "unix socket path contains a NUL"
+    if len(path.encode("utf-8", "surrogateescape")) > _MAX_UNIX_PATH:
+        return f"unix socket path is too long (max {_MAX_UNIX_PATH} bytes)"
+    return None
+
+
+def _ip(text: str, version: int) -> bool:
+    import ipaddress
+
+    if not text.isascii():
+        return False
+    try:
+        return ipaddress.ip_address(text).version == version
+    except ValueError:
+        return False
+
+
 def _check_milter_socket(value: str) -> str | None:
+    """libmilter's spec, limited to what libmilter really opens (measured with Debian's 8.17):
+    ``inet:PORT[@IPv4-or-name]`` (also ``@[IPv4]``) and ``inet6:PORT[@IPv6]`` (also ``@[IPv6]``;
+    libmilter does not resolve names for inet6)."""
     if value.startswith(("unix:", "local:")):
-        path = value.split(":", 1)[1]
-        if not path.startswith("/"):
-            return "unix socket path must be absolute"
-        if len(path.encode()) > 100:
-            return "unix socket path is too long (max 100 bytes)"
+        return _unix_path_problem(value.split(":", 1)[1])
+    m = re.fullmatch(r"(inet6?):([0-9]{1,5})(?:@(.*))?", value, re.ASCII)
+    if not m:
+        return 'must be "unix:/path", "inet:PORT@HOST" or "inet6:PORT@IPv6"'
+    family, port, host = m.group(1), int(m.group(2)), m.group(3)
+    if not 0 < port < 65536:
+        return "port out of range"
+    if host is None:
         return None
-    m = re.fullmatch(r"inet6?:(\d+)(@.+)?", value)
-    if m and 0 < int(m.group(1)) < 65536:
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if family == "inet":
+        if _ip(bare, 4) or (bare == host and _host_name(host)):
+            return None
+        if _ip(bare, 6):
+            return f'{host} is an IPv6 address: use "inet6:{port}@{bare}"'
+        return f"{host!r} is not an IPv4 address or a host name"
+    if _ip(bare, 6):
         return None
-    return 'must be "unix:/path" or "inet:PORT@HOST"'
+    if _ip(bare, 4):
+        return f'{host} is an IPv4 address: use "inet:{port}@{bare}"'
+    return f'{host!r} is not an IPv6 address (libmilter resolves no names for inet6)'
 
 
 class _Validator:
     def __init__(self, raw: dict):
         self.raw = raw
         self.errors: list[str] = []
+
+    def present(self, key: str) -> bool:
+        return self._lookup(key)[0]
 
     def _lookup(self, key: str) -> tuple[bool, Any]:
         node: Any = self.raw
@@ -313,19 +400,47 @@ class _Validator:
             return default
         return value
 
-    def listen(self, key: str) -> ListenAddress | None:
+    def listen(self, key: str, *, allow_unix: bool = False) -> ListenAddress | None:
+        """``HOST:PORT`` (IPv4 literal or host name), ``[IPv6]:PORT`` and, with ``allow_unix``,
+        ``unix:/path``.  Whatever passes here is what the listener binds at start."""
         value = self.get(key, str, None)
         if value is None:
             return None
-        m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", value)
+        forms = '"HOST:PORT" or "[IPv6]:PORT"' + (' or "unix:/path"' if allow_unix else "")
+        if value.startswith("unix:"):
+            if not allow_unix:
+                self.errors.append(f"{key}: must be {forms}; a unix socket is not supported "
+                                   f"here (got {value!r})")
+                return None
+            path = value[5:]
+            problem = _unix_path_problem(path)
+            if problem:
+                self.errors.append(f"{key}: {problem} (got {value!r})")
+                return None
+            return ListenAddress(path=path)
+        m = re.fullmatch(r"\[([^\[\]]*)\]:([0-9]{1,5})|([^:\[\]]+):([0-9]{1,5})", value,
+                         re.ASCII)
         if not m:
-            self.errors.append(f'{key}: must be "HOST:PORT" or "[IPv6]:PORT" (got {value!r})')
+            hint = ' (an IPv6 address goes in brackets: "[::1]:PORT")' if value.count(":") > 1 \
+                else ""
+            self.errors.append(f"{key}: must be {forms}{hint} (got {value!r})")
             return None
-        host = m.group(1) or m.group(3)
         port = int(m.group(2) or m.group(4))
-        if not 0 <= port < 65536:
-            self.errors.append(f"{key}: port out of range (got {port})")
+        if not 0 < port < 65536:
+            self.errors.append(f"{key}: port out of range (got {value!r})")
             return None
+        if m.group(1) is not None:
+            host = m.group(1)
+            if not _ip(host, 6):
+                self.errors.append(f"{key}: {host!r} in brackets is not an IPv6 address "
+                                   f"(got {value!r})")
+                return None
+        else:
+            host = m.group(3)
+            if not (_ip(host, 4) or _host_name(host)):
+                self.errors.append(f"{key}: {host!r} is not an IPv4 address or a host name "
+                                   f"(got {value!r})")
+                return None
         return ListenAddress(host, port)
 
     def domain_list(self, key: str) -> tuple[str, ...]:

@@ -32,7 +32,7 @@ from milterd.adapter import LIBMILTER_MODE, session_class
 from milterd.app import App, Dispatcher, build_dispatcher
 from milterd.config import Config, ConfigError, load_config
 from milterd.metrics import MetricsServer
-from milterd.policy_server import PolicyServer
+from milterd.policy_server import ListenerError, PolicyServer
 
 log = logging.getLogger("milterd")
 
@@ -137,7 +137,8 @@ class Daemon:
                 log.error("reload refused, keeping the running configuration: %s", exc)
                 self.app.metrics.config_reloads.labels(result="refused").inc()
                 return False
-            for key in ("milter", "policy_listen", "metrics_listen", "socketmap_listen"):
+            for key in ("milter", "policy_listen", "policy_group", "metrics_listen",
+                        "socketmap_listen"):
                 old, new = getattr(self.config, key), getattr(new_config, key)
                 if key == "milter":
                     old, new = (old.listen, old.group), (new.listen, new.group)
@@ -157,26 +158,51 @@ class Daemon:
 
     # -- run ------------------------------------------------------------------------------------
     def start_side_servers(self) -> None:
+        """Start metrics, policy, socketmap and the maillog follower; a listener that cannot
+        be set up raises :class:`ListenerError` (naming its key) after stopping the others."""
         c = self.config
-        if c.metrics_listen:
-            s = MetricsServer(self.app.metrics, c.metrics_listen.host, c.metrics_listen.port)
-            s.start()
-            self._servers.append(s)
-            log.info("metrics on http://%s/metrics", c.metrics_listen)
-        if c.policy_listen:
-            p = PolicyServer(self.app.policy_views, c.policy_listen.host, c.policy_listen.port)
-            p.start()
-            self._servers.append(p)
-            log.info("policy delegation on %s", c.policy_listen)
-        if c.socketmap_listen:
-            self._start_socketmap(c)
-        if c.outbound.maillog:
-            self._start_maillog(c)
+        try:
+            if c.metrics_listen:
+                s = MetricsServer(self.app.metrics, c.metrics_listen.host, c.metrics_listen.port)
+                s.start()
+                self._servers.append(s)
+                log.info("metrics on http://%s/metrics", c.metrics_listen)
+            if c.policy_listen:
+                pl = c.policy_listen
+                if pl.is_unix:
+                    p = PolicyServer(self.app.policy_views, path=pl.path, group=c.policy_group)
+                    log.info("policy delegation on %s (mode 0660, group %s)", pl,
+                             c.policy_group or "unchanged")
+                else:
+                    p = PolicyServer(self.app.policy_views, pl.host, pl.port)
+                    log.info("policy delegation on %s (TCP: every local user can post "
+                             "requests; prefer a unix socket)", pl)
+                p.start()
+                self._servers.append(p)
+            if c.socketmap_listen:
+                self._start_socketmap(c)
+            if c.outbound.maillog:
+                self._start_maillog(c)
+        except BaseException:
+            self._stop_side_servers()
+            raise
+
+    def _stop_side_servers(self) -> None:
+        for s in self._servers:
+            try:
+                s.stop()
+            except Exception:
+                log.exception("while stopping %r", s)
+        self._servers.clear()
 
     def _start_socketmap(self, c: Config) -> None:
         from milterd.outbound import start_socketmap
 
-        self._servers.append(start_socketmap(self.app, c))
+        try:
+            self._servers.append(start_socketmap(self.app, c))
+        except OSError as exc:
+            raise ListenerError(f"socketmap.listen: cannot listen on {c.socketmap_listen}: "
+                                f"{exc.strerror or exc}") from None
         log.info("TLS policy socketmap on %s", c.socketmap_listen)
 
     def _start_maillog(self, c: Config) -> None:
@@ -185,14 +211,7 @@ class Daemon:
         self._servers.append(start_maillog_follower(self.app, c))
         log.info("following %s for outbound TLS results", c.outbound.maillog)
 
-    def run(self) -> int:
-        c = self.config
-        reload_requested = threading.Event()
-        stop_requested = threading.Event()
-        signal.signal(signal.SIGHUP, lambda signum, frame: reload_requested.set())
-        signal.signal(signal.SIGTERM, lambda signum, frame: stop_requested.set())
-        signal.signal(signal.SIGINT, lambda signum, frame: stop_requested.set())
-        self.start_side_servers()
+    def _open_milter_socket(self, c: Config) -> None:
         Milter.factory = session_class(self.app)
         milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS | Milter.SETSYMLIST)
         _set_callbacks()
@@ -206,6 +225,10 @@ class Daemon:
         old_umask = os.umask(0o117)  # socket created 0660
         try:
             milter.opensocket(True)
+        except milter.error as exc:
+            raise ListenerError(f"milter.listen: cannot listen on {c.milter.listen!r} "
+                                f"(libmilter: {exc}; it gives no reason: check the address, "
+                                "that the port is free and the directory's permissions)") from None
         finally:
             os.umask(old_umask)
         inet_port = _inet_port(c.milter.listen)
@@ -219,6 +242,28 @@ class Daemon:
                           c.milter.group)
             except PermissionError:
                 log.error("cannot give the socket to group %r (not root?)", c.milter.group)
+
+    def run(self) -> int:
+        c = self.config
+        reload_requested = threading.Event()
+        stop_requested = threading.Event()
+        signal.signal(signal.SIGHUP, lambda signum, frame: reload_requested.set())
+        signal.signal(signal.SIGTERM, lambda signum, frame: stop_requested.set())
+        signal.signal(signal.SIGINT, lambda signum, frame: stop_requested.set())
+        try:
+            self.start_side_servers()
+        except ListenerError as exc:
+            log.error("cannot start: %s", exc)
+            return 2
+        try:
+            self._open_milter_socket(c)
+        except ListenerError as exc:
+            self._stop_side_servers()
+            log.error("cannot start: %s", exc)
+            return 2
+        except BaseException:
+            self._stop_side_servers()
+            raise
         log.info("milterd %s serving %s (plugins: %s; libmilter: %s)", _version(),
                  c.milter.listen, ", ".join(self.app.dispatcher.plugin_names), LIBMILTER_MODE)
         self.app.metrics.set_build_info(LIBMILTER_MODE)

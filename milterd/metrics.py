@@ -92,12 +92,33 @@ class _QuietHandler(WSGIRequestHandler):
         log.debug("metrics request: " + format, *args)
 
 
+class _Server(WSGIServer):
+    # A class per bind: the address family is a class attribute in socketserver.
+    pass
+
+
 class MetricsServer:
-    """``/metrics`` over HTTP in a background thread (loopback by default, per config)."""
+    """``/metrics`` over HTTP in a background thread (loopback by default, per config).
+
+    ``host`` is an IPv4 or IPv6 literal (``::1``, no brackets) or a name, bound with the family
+    it has (wsgiref alone binds IPv4 only).  A bind failure raises
+    :class:`~milterd.policy_server.ListenerError` naming ``metrics.listen``.
+    """
 
     def __init__(self, metrics: Metrics, host: str, port: int):
+        from milterd.config import listen_family
+        from milterd.policy_server import ListenerError
+
         app = make_wsgi_app(metrics.registry)
-        self._httpd: WSGIServer = make_server(host, port, app, handler_class=_QuietHandler)
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            server_class = type("MetricsWSGIServer", (_Server,),
+                                {"address_family": listen_family(host, port)})
+            self._httpd: WSGIServer = make_server(host, port, app, server_class=server_class,
+                                                  handler_class=_QuietHandler)
+        except OSError as exc:
+            raise ListenerError(f"metrics.listen: cannot listen on {where}: "
+                                f"{exc.strerror or exc}") from None
         self.port = self._httpd.server_port
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="metrics",
                                         daemon=True)

@@ -87,7 +87,8 @@ class SocketmapServer:
         self._server = await asyncio.start_server(
             self._handle, self.host, self._port, limit=max(64, len(str(self.max_request)) + 2))
         self._port = self._server.sockets[0].getsockname()[1]
-        log.info("socketmap listening on %s:%d (map %s)", self.host, self._port, self.map_name)
+        where = f"[{self.host}]" if ":" in self.host else self.host
+        log.info("socketmap listening on %s:%d (map %s)", where, self._port, self.map_name)
 
     async def stop(self) -> None:
         if self._server is not None:
