@@ -288,6 +288,7 @@ class SendmailLab:
         log_level: int = 14,
         start_timeout: float = 30.0,
         sendmail_root_dir: Path | None = None,
+        extra_mc: str = "",
     ) -> None:
         self.base = Path(base_dir).resolve()
         self.milter_socket = milter_socket
@@ -301,6 +302,9 @@ class SendmailLab:
         self.log_level = log_level
         self.start_timeout = start_timeout
         self.root = Path(sendmail_root_dir) if sendmail_root_dir else sendmail_root()
+        # more .mc lines (e.g. define(`confMAX_HEADERS_LENGTH', `1048576')dnl), placed after
+        # the lab's own settings and before the mailers
+        self.extra_mc = extra_mc
         self.binary = self.root / "usr/libexec/sendmail/sendmail"
         self.cf_dir = self.root / "usr/share/sendmail/cf"
         self.mailbox = self.base / "mailbox"
@@ -377,9 +381,15 @@ define(`LOCAL_MAILER_PATH', `{b}/deliver.sh')dnl
 define(`LOCAL_MAILER_ARGS', `deliver.sh $u')dnl
 define(`LOCAL_MAILER_FLAGS', `SPhn9')dnl
 MODIFY_MAILER_FLAGS(`LOCAL', `-w')dnl
-MAILER(`local')dnl
+{self._extra_mc_text()}MAILER(`local')dnl
 MAILER(`smtp')dnl
 """
+
+    def _extra_mc_text(self) -> str:
+        if not self.extra_mc:
+            return ""
+        text = self.extra_mc if self.extra_mc.endswith("\n") else self.extra_mc + "\n"
+        return "dnl ---- extra settings of this lab instance\n" + text
 
     def _prepare(self) -> None:
         if not os.access(self.binary, os.X_OK):

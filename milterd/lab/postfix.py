@@ -101,7 +101,7 @@ class PostfixLab:
         self.base.mkdir(parents=True, exist_ok=True)
         os.chmod(self.base, 0o755)
         if not self.port:
-            self.port = free_port()
+            self.port = _free_port_on(self.listen_address)
         self.conf = self.base / "etc"
         self.queue = self.base / "queue"
         self.maildir = self.base / "mail"
@@ -126,6 +126,7 @@ class PostfixLab:
             "inet_interfaces": ("127.0.0.1" if self.listen_address == "127.0.0.1" else "all"),
             "inet_protocols": "ipv4",
             "mynetworks": "127.0.0.0/8",
+            **self._ipv6_settings(),
             "maillog_file": str(self.maillog),
             "maillog_file_prefixes": str(b),
             "biff": "no",
@@ -174,13 +175,33 @@ class PostfixLab:
         if self.policy_service:
             lines += contrib_settings(CONTRIB_POLICY_CF, POLICY_SERVICE=self.policy_service)
         lines += [f"{k} = {v}" for k, v in self.extra.items()]
-        return "\n".join(lines) + "\n"
+        return "\n".join(_last_wins(lines)) + "\n"
+
+    @property
+    def ipv6(self) -> bool:
+        """Listening on an IPv6 address (``listen_address = "::1"``)."""
+        return ":" in self.listen_address
+
+    def _ipv6_settings(self) -> dict[str, str]:
+        if not self.ipv6:
+            return {}
+        # Both protocols (Postfix's own services and the milter/policy clients keep IPv4
+        # loopback), the IPv6 loopback trusted like 127.0.0.0/8.
+        return {"inet_interfaces": f"127.0.0.1, [{self.listen_address}]",
+                "inet_protocols": "all",
+                "mynetworks": f"127.0.0.0/8 [{self.listen_address}]/128"}
+
+    @property
+    def listen_spec(self) -> str:
+        """master.cf service name: ``127.0.0.1:PORT`` or ``[::1]:PORT``."""
+        host = f"[{self.listen_address}]" if self.ipv6 else self.listen_address
+        return f"{host}:{self.port}"
 
     def write_config(self) -> None:
         self.conf.mkdir(parents=True, exist_ok=True)
         (self.conf / "main.cf").write_text(self.main_cf())
         (self.conf / "master.cf").write_text(
-            _MASTER_CF.format(listen=f"{self.listen_address}:{self.port}"))
+            _MASTER_CF.format(listen=self.listen_spec))
         for d in (self.maildir, self.base / "data", self.queue):
             d.mkdir(parents=True, exist_ok=True)
         os.chown(self.maildir, 65534, 65534)
@@ -217,6 +238,50 @@ class PostfixLab:
             self.stop()
             raise RuntimeError(f"postfix did not listen on {self.port}:{self.log_tail()}")
         return self
+
+    def start_verified(self, attempts: int = 3, timeout: float = 15.0) -> "PostfixLab":
+        """``start()``, then wait (bounded) until Postfix's master itself holds the listening
+        socket: with other tests running, a port seen free may be taken before Postfix binds it,
+        and a plain connect test would then be answered by someone else.  Retried on a fresh
+        automatically chosen port."""
+        last = ""
+        for attempt in range(attempts):
+            try:
+                self.start()
+            except RuntimeError as e:
+                last = str(e)
+            else:
+                deadline = time.monotonic() + timeout
+                while time.monotonic() < deadline:
+                    if self.master_listens():
+                        return self
+                    time.sleep(0.05)
+                last = f"master does not hold {self.listen_spec}:{self.log_tail()}"
+                self.stop()
+            if attempt < attempts - 1:
+                self.port = _free_port_on(self.listen_address)
+        raise RuntimeError(f"postfix did not start on {self.listen_spec}: {last}")
+
+    def master_listens(self) -> bool:
+        """True if the master process holds a LISTEN socket on listen_address:port."""
+        pid = self.master_pid()
+        if not pid:
+            return False
+        inodes = _listen_inodes(self.listen_address, self.port)
+        if not inodes:
+            return False
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            return False
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in inodes:
+                return True
+        return False
 
     def reload(self) -> None:
         self.write_config()
@@ -279,6 +344,57 @@ class PostfixLab:
     def log_tail(self, lines: int = 30) -> str:
         return "\n--- postfix maillog tail ---\n" + "\n".join(
             self.log_text().splitlines()[-lines:])
+
+
+def _last_wins(lines: list[str]) -> list[str]:
+    """One line per parameter, with its last value (the one Postfix uses anyway).
+
+    A parameter given twice makes every Postfix process log "overriding earlier entry" as it
+    starts; with ``maillog_file`` those warnings go through postlogd's datagram socket, and
+    postlogd sends its own to that socket before it reads it: a few duplicates fill the queue
+    (net.unix.max_dgram_qlen, 10) and postlogd, then every process that logs, blocks for good.
+    """
+    out: dict[str, str] = {}
+    for line in lines:
+        name, sep, _ = line.partition("=")
+        out[name.strip() if sep else line] = line
+    return list(out.values())
+
+
+def _free_port_on(address: str) -> int:
+    """An ephemeral port free on ``address`` (IPv4 or IPv6)."""
+    if ":" not in address:
+        return free_port()
+    import socket
+
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+        s.bind((address, 0))
+        return s.getsockname()[1]
+
+
+def _listen_inodes(address: str, port: int) -> set[str]:
+    """Inodes of the sockets LISTENing on address:port (/proc/net/tcp[6]; no connection)."""
+    import socket
+
+    if ":" in address:
+        raw = socket.inet_pton(socket.AF_INET6, address)
+        host = "".join(raw[i:i + 4][::-1].hex().upper() for i in range(0, 16, 4))
+        table = "/proc/net/tcp6"
+    else:
+        host = socket.inet_aton(address)[::-1].hex().upper()
+        table = "/proc/net/tcp"
+    want = f"{host}:{port:04X}"
+    found = set()
+    try:
+        with open(table) as f:
+            next(f)
+            for line in f:
+                parts = line.split()
+                if parts[1] == want and parts[3] == "0A":
+                    found.add(parts[9])
+    except OSError:
+        pass
+    return found
 
 
 def _alive(pid: int) -> bool:
