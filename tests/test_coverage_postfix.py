@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import time
 
@@ -185,7 +186,9 @@ def enforce_lab(partners):
         if pf is not None:
             pf.cleanup()
         factory.stop_all()
-        _assert_no_tracebacks([p.log_text() for p in factory.started])
+        logs = [p.log_text() for p in factory.started]
+        shutil.rmtree(factory.root, ignore_errors=True)
+        _assert_no_tracebacks(logs)
 
 
 def _send(pf, sender: Sender, subject: str, payload: bytes | None = None):

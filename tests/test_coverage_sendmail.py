@@ -13,6 +13,8 @@ Envelope sender uncovered (bob@fabrikam.test), no TLS, milterd in enforce mode:
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from milterd.stamp import parse_stamp
@@ -86,7 +88,9 @@ def sendmail_labs(partners):
         for lab in labs:
             lab.stop()
         factory.stop_all()
-        _assert_no_tracebacks([p.log_text() for p in factory.started])
+        logs = [p.log_text() for p in factory.started]
+        shutil.rmtree(factory.root, ignore_errors=True)
+        _assert_no_tracebacks(logs)
 
 
 def _send(lab, subject: str, payload: bytes):

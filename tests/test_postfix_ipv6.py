@@ -7,6 +7,7 @@ test_postfix_domain_security.py over IPv4.  Postfix's milter view of such a clie
 
 from __future__ import annotations
 
+import shutil
 import time
 
 import pytest
@@ -45,7 +46,9 @@ def ds_lab6(request, partners):
         if pf is not None:
             pf.cleanup()
         factory.stop_all()
-        _assert_no_tracebacks([p.log_text() for p in factory.started])
+        logs = [p.log_text() for p in factory.started]
+        shutil.rmtree(factory.root, ignore_errors=True)
+        _assert_no_tracebacks(logs)
 
 
 def _delivered_with_subject(pf, subject, timeout=15):
