@@ -3,7 +3,7 @@
     .venv/bin/python bench/coverage_bench.py [--messages N] [--rounds R]
 
 Compares, on the same generated messages (every sender and From: value distinct, so no memo
-helps), milterd's coverage (:mod:`milterd.coverage`: every reading, no parser) with the reading
+helps), milterd's coverage (:mod:`milterd.policy.coverage`: every reading, no parser) with the reading
 it replaced (one RFC 5321 envelope domain, a regex fast path for plain From: values and
 ``email.utils.getaddresses`` for the rest), and with the fixed cost of building the plugin's
 Message value.  Prints microseconds per message (median of rounds) and the ratio new/old for:
@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from milterd import coverage  # noqa: E402
-from milterd.names import address_domain, domain_listed  # noqa: E402
+from milterd.policy import coverage  # noqa: E402
+from milterd.policy.names import address_domain, domain_listed  # noqa: E402
 
 RECEIVE = ("woodgrovebank.test", ".woodgrovebank.test", "contoso.test")
 

@@ -35,7 +35,9 @@ import time
 
 import Milter
 
-from milterd import adapter, app, daemon
+from milterd.inbound import milter_adapter as adapter
+
+from milterd.core import app, daemon
 
 _local = threading.local()
 _profiles: list[cProfile.Profile] = []

@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "postfix: a private Postfix in every TLS case (needs root)")
     p.set_defaults(func=_cmd_demo)
 
-    for module in ("milterd.certtool", "milterd.tlsrpt"):
+    for module in ("milterd.certs.tool", "milterd.outbound.tlsrpt"):
         try:
             mod = __import__(module, fromlist=["register"])
         except ImportError:
@@ -46,14 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from milterd.daemon import run
+    from milterd.core.daemon import run
 
     return run(args.config, log_format=args.log_format)
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    from milterd.app import App, build_dispatcher
-    from milterd.config import ConfigError, load_config
+    from milterd.core.app import App, build_dispatcher
+    from milterd.core.config import ConfigError, load_config
 
     try:
         config = load_config(args.config)
@@ -71,14 +71,14 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_default_config(args: argparse.Namespace) -> int:
-    from milterd.config import default_config_text
+    from milterd.core.config import default_config_text
 
     sys.stdout.write(default_config_text())
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from milterd.demo import main as demo_main
+    from milterd.lab.demo import main as demo_main
 
     return demo_main(keep=args.keep, mta=args.mta)
 

@@ -1,7 +1,7 @@
 """Every hook a milterd plugin may implement, with its contract.
 
 A plugin is any module or object with ``@hookimpl`` functions, registered through the
-``milterd.plugins`` entry-point group (the built-ins in ``plugins/`` are registered exactly so).
+``milterd.core.plugins`` entry-point group (the built-ins in ``plugins/`` are registered exactly so).
 Implementations may accept any subset of a hook's arguments, by name.
 
 How the core calls hooks (it matters for plugin authors):
@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import pluggy
 
 if TYPE_CHECKING:
-    from milterd.app import App
-    from milterd.config import Config
+    from milterd.core.app import App
+    from milterd.core.config import Config
     from milterd.session import Connection, Message
     from milterd.verdict import HeaderEdit, Verdict
 

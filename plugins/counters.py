@@ -7,7 +7,7 @@ mode alike).  Domains are always configured list entries, so label sets stay bou
 
 from __future__ import annotations
 
-from milterd import domain_security as ds
+from milterd.policy import domain_security as ds
 from milterd.hookspecs import hookimpl
 from milterd.verdict import Action
 

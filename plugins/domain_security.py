@@ -1,11 +1,11 @@
 """Built-in plugin: inbound Domain Security (Exchange's TLSReceiveDomainSecureList).
 
 Mail covered by ``receive_domains`` (any plausible reading of the envelope sender or of any
-``From:`` field, :mod:`milterd.coverage`) must have arrived over TLS at
+``From:`` field, :mod:`milterd.policy.coverage`) must have arrived over TLS at
 the configured strength with a client certificate that is trusted and names the domain, or is
 pinned for it.  In ``enforce`` mode a failure is refused (550 5.7.1, or 450 4.7.1 with
 ``failure_action = "tempfail"``); ``report`` mode never refuses.  The decision logic is the pure
-:mod:`milterd.domain_security`; this module only decides *when* to apply it:
+:mod:`milterd.policy.domain_security`; this module only decides *when* to apply it:
 
 * MAIL FROM: envelope coverage, refused as early as possible — except a pinned partner on
   Postfix, whose fingerprint only arrives with the RCPT-stage policy request;
@@ -16,9 +16,9 @@ pinned for it.  In ``enforce`` mode a failure is refused (550 5.7.1, or 450 4.7.
 
 from __future__ import annotations
 
-from milterd import domain_security as ds
+from milterd.policy import domain_security as ds
 from milterd.hookspecs import hookimpl, only_if
-from milterd.coverage import envelope_covered, from_covered, is_from_field
+from milterd.policy.coverage import envelope_covered, from_covered, is_from_field
 from milterd.session import StashKey
 from milterd.verdict import Verdict, reject, tempfail
 

@@ -2,14 +2,14 @@
 
 Every accepted message leaves with exactly one ``[stamp] header``: all copies that arrived with
 the message are deleted first — whatever their case, folding or number — then milterd's own is
-added at the top.  The value's grammar and quoting live in :mod:`milterd.stamp`.
+added at the top.  The value's grammar and quoting live in :mod:`milterd.policy.stamp`.
 """
 
 from __future__ import annotations
 
-from milterd import domain_security as ds
+from milterd.policy import domain_security as ds
 from milterd.hookspecs import hookimpl
-from milterd.stamp import stamp_value
+from milterd.policy.stamp import stamp_value
 from milterd.verdict import AddHeader, DeleteHeader
 
 

@@ -11,7 +11,7 @@ import ssl
 from dataclasses import dataclass
 
 from milterd.lab.smtp import client_context
-from milterd.stamp import parse_stamp
+from milterd.policy.stamp import parse_stamp
 
 PARTNER = "woodgrovebank.test"
 

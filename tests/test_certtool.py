@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import NoEncryption, pkcs12
 from cryptography.x509.oid import NameOID
 
-from milterd import certtool
+from milterd.certs import tool as certtool
 from certtool_helpers import (
     DAY, NOW, OPENSSL, Issued, key_pem, make_ca, make_crl, make_leaf, openssl_pkcs12, pem, write,
 )

@@ -34,7 +34,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID as EKU, NameOID
 from certtool_helpers import (
     DAY, NOW, OPENSSL, Issued, idp, key_usage, make_cert, make_crl, ns_cert_type, pem, unknown_extension, write,
 )
-from milterd import certtool
+from milterd.certs import tool as certtool
 
 SERVER, CLIENT = EKU.SERVER_AUTH, EKU.CLIENT_AUTH
 LEAF = "mx.contoso.test"

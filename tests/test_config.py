@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from milterd.config import ConfigError, default_config_text, parse_config
+from milterd.core.config import ConfigError, default_config_text, parse_config
 
 
 def test_embedded_default_is_valid_and_matches_dataclass_defaults():

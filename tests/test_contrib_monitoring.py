@@ -9,7 +9,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from milterd.metrics import Metrics
+from milterd.core.metrics import Metrics
 
 CONTRIB = Path(__file__).resolve().parents[1] / "contrib" / "prometheus"
 

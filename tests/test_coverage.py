@@ -25,8 +25,8 @@ import unicodedata
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from milterd.coverage import envelope_covered, from_covered, is_from_field, value_domains
-from milterd.names import domain_listed, normalize_dns_name
+from milterd.policy.coverage import envelope_covered, from_covered, is_from_field, value_domains
+from milterd.policy.names import domain_listed, normalize_dns_name
 
 RECEIVE = ("woodgrovebank.test", ".woodgrovebank.test")
 EXAMPLES = int(os.environ.get("MILTERD_COVERAGE_EXAMPLES", "10000"))

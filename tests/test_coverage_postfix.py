@@ -5,7 +5,7 @@
    Unicode around the partner domain, its subdomains and lookalikes) go through a private Postfix
    with no milter; the delivered ``Return-Path`` is what Postfix stored.  Every sender Postfix
    stored in the partner domain (literally, or as a reader is shown the domain) must be covered by
-   :func:`milterd.coverage.envelope_covered` as sent.  Once with Postfix's defaults
+   :func:`milterd.policy.coverage.envelope_covered` as sent.  Once with Postfix's defaults
    (``swap_bangpath``/``allow_percent_hack`` = yes, ``mydestination``, SMTPUTF8 as shipped), once
    with both rewrites off.
 2. Through milterd in enforce mode: the nastiest of those spellings, without TLS, are refused 5xx.
@@ -24,7 +24,7 @@ import time
 
 import pytest
 
-from milterd.stamp import parse_stamp
+from milterd.policy.stamp import parse_stamp
 
 from conftest import MilterdFactory, _assert_no_tracebacks, make_lab_dir
 from coverage_cases import (
@@ -79,7 +79,7 @@ def _senders() -> list[Sender]:
 
 def _covered(text: str) -> tuple[str, ...]:
     """Covered as the client sent it, bare and in the angle brackets a milter is handed."""
-    from milterd.coverage import envelope_covered
+    from milterd.policy.coverage import envelope_covered
 
     bare = envelope_covered(text, RECEIVE_DOMAINS)
     bracketed = envelope_covered(f"<{text}>", RECEIVE_DOMAINS)
@@ -88,7 +88,7 @@ def _covered(text: str) -> tuple[str, ...]:
 
 def test_controls_are_not_covered():
     """The differential would pass for a rule covering everything: these plain senders must not."""
-    from milterd.coverage import envelope_covered
+    from milterd.policy.coverage import envelope_covered
 
     for s in CONTROLS:
         assert envelope_covered(s, RECEIVE_DOMAINS) == (), s
@@ -275,7 +275,7 @@ def test_partner_first_in_60kib_from_refused(enforce_lab):
 def test_partner_last_in_60kib_from_never_reaches_a_reader(enforce_lab):
     """60 KiB, the partner last (beyond Postfix's cut): refused, or delivered without any trace of
     the partner in what is stored (Postfix dropped it) — never delivered naming the partner."""
-    from milterd.coverage import from_covered
+    from milterd.policy.coverage import from_covered
 
     m, pf = enforce_lab
     subject = "long-partner-beyond-cut"

@@ -17,7 +17,7 @@ import shutil
 
 import pytest
 
-from milterd.stamp import parse_stamp
+from milterd.policy.stamp import parse_stamp
 
 from conftest import MilterdFactory, _assert_no_tracebacks, make_lab_dir
 from coverage_cases import (

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from milterd.dn import format_dn, parse_dn, subject_cn, xtext_decode
+from milterd.policy.dn import format_dn, parse_dn, subject_cn, xtext_decode
 
 EXAMPLES = int(os.environ.get("MILTERD_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(max_examples=EXAMPLES, database=None, deadline=None,

@@ -6,10 +6,10 @@ from dataclasses import replace
 
 import pytest
 
-from milterd import domain_security as ds
-from milterd import reasons
-from milterd.coverage import covered_entries
-from milterd.config import parse_config
+from milterd.policy import domain_security as ds
+from milterd.policy import reasons
+from milterd.policy.coverage import covered_entries
+from milterd.core.config import parse_config
 from milterd.session import CertVerify, TlsFacts
 
 PIN = ":".join(["AA"] * 32)
@@ -94,7 +94,7 @@ def test_postfix_pinned_partner_is_decided_once_the_fingerprint_can_be_known():
 def test_every_rcpt_of_a_pinned_partner_gets_the_same_answer():
     # Postfix: an impostor's self-signed certificate for a pinned domain is refused at the first
     # RCPT and at every later one — never accepted until end of data.
-    from milterd.app import App
+    from milterd.core.app import App
     from milterd.session import Connection, Message
     from milterd_plugins import domain_security as plugin
 

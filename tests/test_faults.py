@@ -19,7 +19,7 @@ import pytest
 
 from milterd.lab.proc import MilterdProcess
 from milterd.lab.smtp import SendResult, make_message, send
-from milterd.stamp import parse_stamp
+from milterd.policy.stamp import parse_stamp
 
 pytestmark = pytest.mark.postfix
 
@@ -210,7 +210,7 @@ def test_sigterm_lets_an_open_session_finish(milterd_factory, postfix_factory):
     (delivered, stamped), then milterd exits 0 — no tempfail, no retry caused by the stop."""
     import smtplib
 
-    from milterd.adapter import LIBMILTER_MODE
+    from milterd.inbound.milter_adapter import LIBMILTER_MODE
 
     if LIBMILTER_MODE != "threads":
         pytest.fail("needs the thread-per-connection libmilter (scripts/build-libmilter.sh)")

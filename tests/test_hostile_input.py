@@ -15,7 +15,7 @@ import time
 import pytest
 
 from milterd.lab.smtp import client_context, send
-from milterd.stamp import parse_stamp
+from milterd.policy.stamp import parse_stamp
 
 pytestmark = pytest.mark.postfix
 

@@ -10,7 +10,7 @@ import asyncio
 import pytest
 
 from milterd.mta.milter_client import MilterSession
-from milterd.stamp import parse_stamp
+from milterd.policy.stamp import parse_stamp
 
 CONFIG = """
 [domain_security]

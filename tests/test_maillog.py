@@ -8,8 +8,8 @@ from datetime import datetime, timezone
 
 import pytest
 
-from milterd.maillog import MaillogFollower, MaillogParser, OutboundResult, session_record
-from milterd.tlspolicy import PolicyAnswer
+from milterd.outbound.maillog import MaillogFollower, MaillogParser, OutboundResult, session_record
+from milterd.outbound.tlspolicy import PolicyAnswer
 
 UTC = timezone.utc
 

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from milterd.names import address_domain, domain_listed, name_covers_domain, name_matches, normalize_dns_name
+from milterd.policy.names import address_domain, domain_listed, name_covers_domain, name_matches, normalize_dns_name
 
 EXAMPLES = int(os.environ.get("MILTERD_FUZZ_EXAMPLES", "150"))
 

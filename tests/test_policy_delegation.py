@@ -26,8 +26,8 @@ import pytest
 from milterd.lab.net import free_port
 from milterd.lab.proc import MilterdProcess
 from milterd.lab.smtp import make_message
-from milterd.policy_server import REPLY, PolicyServer
-from milterd.policy_views import PolicyViews, normalize_address
+from milterd.inbound.policy_server import REPLY, PolicyServer
+from milterd.inbound.policy_views import PolicyViews, normalize_address
 from milterd.session import TlsFacts
 
 from conftest import MilterdFactory, make_lab_dir
@@ -432,7 +432,7 @@ def test_connection_limit_closes_extra_connections_and_recovers(tmp_path):
 ])
 def test_views_join_every_spelling_of_one_address(milter_side, policy_side):
     views = PolicyViews()
-    from milterd.policy_server import view_from_attributes
+    from milterd.inbound.policy_server import view_from_attributes
 
     view = view_from_attributes(session_attrs(address=policy_side, port=2525))
     assert view is not None and views.put(view)
@@ -448,7 +448,7 @@ def test_views_join_every_spelling_of_one_address(milter_side, policy_side):
 def test_addresses_that_are_not_ip_addresses_never_join(address):
     assert normalize_address(address) is None
     views = PolicyViews()
-    from milterd.policy_server import view_from_attributes
+    from milterd.inbound.policy_server import view_from_attributes
 
     assert view_from_attributes(session_attrs(address=address)) is None
     assert views.get(address, 25) is None
@@ -474,7 +474,7 @@ SESSION_TLS = TlsFacts(version="TLSv1.3", cipher="TLS_AES_256_GCM_SHA384", bits=
     ({}, TlsFacts(version="TLSv1.3", dialect="postfix"), True),  # milter without cipher/bits
 ])
 def test_agrees_with(attrs, tls, agrees):
-    from milterd.policy_server import view_from_attributes
+    from milterd.inbound.policy_server import view_from_attributes
 
     view = view_from_attributes(session_attrs(**attrs))
     assert view is not None

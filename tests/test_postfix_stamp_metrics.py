@@ -12,7 +12,7 @@ import pytest
 
 from milterd.lab.net import free_port
 from milterd.lab.smtp import client_context, make_message, send
-from milterd.stamp import parse_stamp
+from milterd.policy.stamp import parse_stamp
 
 pytestmark = pytest.mark.postfix
 RCPT = "user@contoso.test"

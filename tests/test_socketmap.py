@@ -8,9 +8,9 @@ import socket
 import pytest
 
 from dns_server import DnsServer
-from milterd.mtasts import MtaStsClient
-from milterd.socketmap import SocketmapServer, encode_netstring
-from milterd.tlspolicy import DnsClient, PolicyAnswer, PolicyResolver
+from milterd.outbound.mtasts import MtaStsClient
+from milterd.outbound.socketmap import SocketmapServer, encode_netstring
+from milterd.outbound.tlspolicy import DnsClient, PolicyAnswer, PolicyResolver
 from mtasts_server import PolicyServer, TestCA
 
 TLSA = "3 1 1 " + "ab" * 32

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from milterd.session import CertVerify, TlsFacts
-from milterd.stamp import parse_stamp, quote, stamp_value
+from milterd.policy.stamp import parse_stamp, quote, stamp_value
 
 BASE = TlsFacts(version="TLSv1.3", cipher="TLS_AES_256_GCM_SHA384", bits=256,
                 verify=CertVerify.OK, subject_cn="mail.woodgrovebank.test", issuer="Lab CA",

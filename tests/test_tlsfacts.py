@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from milterd.session import CertVerify
-from milterd.tlsfacts import from_macros, merge_policy_facts
+from milterd.inbound.tlsfacts import from_macros, merge_policy_facts
 
 FP = ":".join(["EA"] * 32)
 TLS = {"{tls_version}": "TLSv1.3", "{cipher}": "TLS_AES_256_GCM_SHA384", "{cipher_bits}": "256"}
@@ -99,7 +99,7 @@ def test_sendmail_cn_hidden_in_another_attribute_is_no_name():
     ("{cert_issuer}", "\udcff\udcfe"), ("{verify}", "OK\n"), ("{cert_fp}", "Z" * 5000),
 ])
 def test_hostile_macro_values_never_raise_and_never_reach_the_stamp_raw(name, value):
-    from milterd.stamp import stamp_value
+    from milterd.policy.stamp import stamp_value
 
     macros = {"{tls_version}": "TLSv1.3", "{cipher}": "TLS_AES_256_GCM_SHA384",
               "{cipher_bits}": "256", name: value}

@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from dns_server import DnsServer
-from milterd.mtasts import MtaStsClient, StsLookup, StsPolicy
-from milterd.tlspolicy import DnsClient, NextHop, PolicyResolver, parse_nexthop
+from milterd.outbound.mtasts import MtaStsClient, StsLookup, StsPolicy
+from milterd.outbound.tlspolicy import DnsClient, NextHop, PolicyResolver, parse_nexthop
 from mtasts_server import PolicyServer, TestCA
 
 TLSA = "3 1 1 " + "ab" * 32

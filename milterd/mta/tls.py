@@ -347,10 +347,10 @@ def _fallback_covers(presented: str, domain: str) -> bool:
 
 
 def name_checker() -> Callable[[str, str], bool]:
-    """``milterd.names.name_covers_domain`` when it exists (written by another
+    """``milterd.policy.names.name_covers_domain`` when it exists (written by another
     helper), else a conservative local check: exact domain or a host under it."""
     try:
-        from milterd.names import name_covers_domain  # type: ignore[import-not-found]
+        from milterd.policy.names import name_covers_domain  # type: ignore[import-not-found]
         return name_covers_domain  # type: ignore[no-any-return]
     except ImportError:
         return _fallback_covers

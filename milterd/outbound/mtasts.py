@@ -40,7 +40,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Literal, Mapping, Protocol, Sequence
 
-from milterd.names import name_matches, normalize_dns_name
+from milterd.policy.names import name_matches, normalize_dns_name
 
 __all__ = [
     "StsPolicy",
@@ -124,7 +124,7 @@ class StsLookup:
 
 
 class TxtResolver(Protocol):
-    """What the client needs from DNS (``milterd.tlspolicy.DnsClient`` provides it)."""
+    """What the client needs from DNS (``milterd.outbound.tlspolicy.DnsClient`` provides it)."""
 
     async def txt(self, name: str) -> list[str] | None:
         """TXT strings at ``name`` (each record's strings joined), ``[]`` for NODATA, ``None``

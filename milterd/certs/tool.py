@@ -78,8 +78,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from milterd import dn as _dn
-from milterd.names import name_matches, normalize_dns_name
+from milterd.policy import dn as _dn
+from milterd.policy.names import name_matches, normalize_dns_name
 
 __all__ = ["register", "certificate_expiry", "CertError"]
 

@@ -15,13 +15,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from milterd.app import App
-from milterd.config import Config
-from milterd.maillog import MaillogFollower, OutboundResult
-from milterd.mtasts import MtaStsClient
-from milterd.names import domain_listed
-from milterd.socketmap import SocketmapServer
-from milterd.tlspolicy import DnsClient, PolicyResolver
+from milterd.core.app import App
+from milterd.core.config import Config
+from milterd.outbound.maillog import MaillogFollower, OutboundResult
+from milterd.outbound.mtasts import MtaStsClient
+from milterd.policy.names import domain_listed
+from milterd.outbound.socketmap import SocketmapServer
+from milterd.outbound.tlspolicy import DnsClient, PolicyResolver
 
 log = logging.getLogger("milterd.outbound")
 

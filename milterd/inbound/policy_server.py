@@ -2,7 +2,7 @@
 
 It never decides anything itself (it always answers ``action=DUNNO``): it records what Postfix
 knows and a milter cannot learn — the fingerprint of *any* client certificate — into
-:class:`~milterd.policy_views.PolicyViews`, where the milter side joins it by client address and
+:class:`~milterd.inbound.policy_views.PolicyViews`, where the milter side joins it by client address and
 port.  Protocol (Postfix SMTPD_POLICY_README): ``name=value`` lines, an empty line ends a
 request, the reply is ``action=…`` and an empty line; connections are reused for many requests.
 
@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Mapping
 
-from milterd.policy_views import PolicyView, PolicyViews, normalize_address, normalize_port
+from milterd.inbound.policy_views import PolicyView, PolicyViews, normalize_address, normalize_port
 
 log = logging.getLogger("milterd.policy")
 
@@ -276,7 +276,7 @@ def _describe_dir(path: Path) -> str:
 
 def tcp_listener(host: str, port: int, *, key: str) -> socket.socket:
     """A listening TCP socket on ``host`` (IPv4/IPv6 literal or a name), errors naming ``key``."""
-    from milterd.config import listen_family
+    from milterd.core.config import listen_family
 
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:

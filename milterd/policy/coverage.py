@@ -26,7 +26,7 @@ Spellings scanned (each only when it can differ from the raw text):
 4. what a reader cannot see: Unicode format (Cf), control (Cc) and other default-ignorable
    characters removed, compatibility forms folded (NFKC).
 
-A token yields its DNS name (IDNA 2003, :func:`milterd.names.normalize_dns_name`), the same with a
+A token yields its DNS name (IDNA 2003, :func:`milterd.policy.names.normalize_dns_name`), the same with a
 trailing junk character cut off, and for internationalised names the IDNA 2008 reading too, so
 ``ß`` matches a list entry written either way.
 
@@ -40,7 +40,7 @@ import re
 import unicodedata
 from email.header import decode_header
 
-from milterd.names import domain_listed, normalize_dns_name
+from milterd.policy.names import domain_listed, normalize_dns_name
 
 __all__ = ["value_domains", "envelope_covered", "from_covered", "covered_entries",
            "is_from_field"]

@@ -1,7 +1,7 @@
 """Domain Security decisions as pure functions over typed values (no MTA, no I/O).
 
 A message is *covered* when any plausible reading of its envelope sender or of a ``From:`` field
-names a domain on ``receive_domains`` (:mod:`milterd.coverage`, which fails closed); the *covered
+names a domain on ``receive_domains`` (:mod:`milterd.policy.coverage`, which fails closed); the *covered
 domain* is the list entry (without its leading dot), which is also what certificates must name,
 what pins are keyed by and what metrics are labelled with — so label sets stay bounded by the
 config.
@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from milterd import reasons
-from milterd.config import TLS_VERSIONS, Config
-from milterd.names import name_covers_domain
+from milterd.policy import reasons
+from milterd.core.config import TLS_VERSIONS, Config
+from milterd.policy.names import name_covers_domain
 from milterd.session import CertVerify, StashKey, TlsFacts
 
 PASS, FAIL, NONE = "pass", "fail", "none"
@@ -23,7 +23,7 @@ PASS, FAIL, NONE = "pass", "fail", "none"
 class Result:
     status: str                 # pass | fail | none (not covered)
     domain: str | None = None   # the covered domain (list entry without the leading dot)
-    reason: str | None = None   # one of milterd.reasons when status is fail
+    reason: str | None = None   # one of milterd.policy.reasons when status is fail
     via: str | None = None      # "trusted" | "pinned" when status is pass
 
 
@@ -67,7 +67,7 @@ def issuer_allowed(issuer: str | None, allowed: tuple[str, ...]) -> bool:
     """Postfix gives the issuer's CN, Sendmail its one-line DN: accept a match on either."""
     if not issuer:
         return False
-    from milterd.dn import subject_cn
+    from milterd.policy.dn import subject_cn
 
     candidates = {issuer.casefold()}
     cn = subject_cn(issuer)

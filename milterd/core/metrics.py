@@ -1,7 +1,7 @@
 """Prometheus metrics: one registry per daemon (never the global default), names per interface.md.
 
 Label sets stay bounded: domains come only from the configured lists (anything else is
-``other``), reasons from the closed set in :mod:`milterd.reasons`, plugins from what is loaded.
+``other``), reasons from the closed set in :mod:`milterd.policy.reasons`, plugins from what is loaded.
 """
 
 from __future__ import annotations
@@ -102,12 +102,12 @@ class MetricsServer:
 
     ``host`` is an IPv4 or IPv6 literal (``::1``, no brackets) or a name, bound with the family
     it has (wsgiref alone binds IPv4 only).  A bind failure raises
-    :class:`~milterd.policy_server.ListenerError` naming ``metrics.listen``.
+    :class:`~milterd.inbound.policy_server.ListenerError` naming ``metrics.listen``.
     """
 
     def __init__(self, metrics: Metrics, host: str, port: int):
-        from milterd.config import listen_family
-        from milterd.policy_server import ListenerError
+        from milterd.core.config import listen_family
+        from milterd.inbound.policy_server import ListenerError
 
         app = make_wsgi_app(metrics.registry)
         where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

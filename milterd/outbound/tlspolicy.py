@@ -1,9 +1,9 @@
-"""Outbound TLS policy for Postfix ``smtp_tls_policy_maps`` (served by :mod:`milterd.socketmap`).
+"""Outbound TLS policy for Postfix ``smtp_tls_policy_maps`` (served by :mod:`milterd.outbound.socketmap`).
 
 Order of decisions for a next-hop key (``example.com``, ``example.com.``, ``[mx.example.com]:587``)
 --------------------------------------------------------------------------------------------------
 1. **Send list** (``[domain_security] send_domains``; exact entry, or any strict subdomain of a
-   ``.parent`` entry, via :func:`milterd.names.domain_listed`) → ``secure match=<d>:.<d>``
+   ``.parent`` entry, via :func:`milterd.policy.names.domain_listed`) → ``secure match=<d>:.<d>``
    (+ ``protocols=>=TLSv1.2`` when ``min_protocol`` is set).  No DNS at all, so a DNS or fetch
    failure can never downgrade a partner domain.
 2. **DANE** (RFC 7672): MX lookup (implicit MX = the domain itself when there is none; a null MX
@@ -12,7 +12,7 @@ Order of decisions for a next-hop key (``example.com``, ``example.com.``, ``[mx.
    with DO and AD set).  Every MX with usable TLSA (usage 2 or 3) → ``dane-only``; only some →
    ``dane`` (Postfix then requires DANE exactly for the MX hosts that publish TLSA); none →
    next step.  DANE wins over MTA-STS (RFC 8461 §2).
-3. **MTA-STS** (RFC 8461, :mod:`milterd.mtasts`): mode ``enforce`` → ``secure match=<mx
+3. **MTA-STS** (RFC 8461, :mod:`milterd.outbound.mtasts`): mode ``enforce`` → ``secure match=<mx
    patterns> servername=hostname`` (``*.example.net`` becomes ``.example.net``); mode
    ``testing`` → ``NOTFOUND`` (or ``may``, ``sts_testing_answer``) but the answer keeps the
    policy for TLS-RPT; mode ``none`` → ``NOTFOUND``.  Applies only to plain domain keys on the
@@ -64,8 +64,8 @@ import dns.message
 import dns.rdatatype
 import dns.resolver
 
-from milterd.mtasts import MtaStsClient, StsLookup
-from milterd.names import domain_listed, normalize_dns_name
+from milterd.outbound.mtasts import MtaStsClient, StsLookup
+from milterd.policy.names import domain_listed, normalize_dns_name
 
 __all__ = [
     "PolicyAnswer",
@@ -279,7 +279,7 @@ class PolicyResolver:
     :param send_domains: ``[domain_security] send_domains`` (exact or ``.parent`` entries).
     :param min_protocol: ``[tls] min_version`` (``"TLSv1.2"``…) or None; added to send-list
         answers as ``protocols=>=…``.
-    :param dns: a :class:`DnsClient`; :param mtasts: an :class:`~milterd.mtasts.MtaStsClient`
+    :param dns: a :class:`DnsClient`; :param mtasts: an :class:`~milterd.outbound.mtasts.MtaStsClient`
         (None disables MTA-STS).
     :param send_match: ``match=`` templates for send-list answers; ``{domain}`` is the key's host.
     :param sts_testing_answer: ``"notfound"`` or ``"may"`` for MTA-STS testing mode.

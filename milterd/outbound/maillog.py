@@ -41,8 +41,8 @@ directory).  Rotation while running (new inode) drains the old file first; trunc
 most that batch, and the saved recent keys suppress even that.
 
 Every delivery line (smtp only, with a relay) is also appended to ``sessions_file`` as one JSON
-line for TLS-RPT (:mod:`milterd.tlsrpt`), annotated with the policy that applied
-(``policy_lookup(domain)``, e.g. :meth:`milterd.tlspolicy.PolicyResolver.peek`).
+line for TLS-RPT (:mod:`milterd.outbound.tlsrpt`), annotated with the policy that applied
+(``policy_lookup(domain)``, e.g. :meth:`milterd.outbound.tlspolicy.PolicyResolver.peek`).
 """
 
 from __future__ import annotations

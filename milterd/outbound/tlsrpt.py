@@ -1,6 +1,6 @@
 """SMTP TLS Reporting (RFC 8460) aggregate reports from the maillog follower's session records.
 
-Input: JSON lines written by :class:`milterd.maillog.MaillogFollower` (``sessions_file``), each
+Input: JSON lines written by :class:`milterd.outbound.maillog.MaillogFollower` (``sessions_file``), each
 ``{"ts", "policy_domain", "policy_type", "policy_string", "mx_host", "receiving_mx_hostname",
 "receiving_ip", "result": "success"|"failure", "result_type", "failure_reason_code", …}``.
 

@@ -1,6 +1,6 @@
 """Building a plugin manager: never global, a fresh one per configuration (start and each reload).
 
-Loading order: entry points in the ``milterd.plugins`` group (the built-ins are registered there
+Loading order: entry points in the ``milterd.core.plugins`` group (the built-ins are registered there
 exactly like third-party plugins), minus ``[plugins] disable``, then ``[plugins] modules`` by
 dotted name.  An import failure names the plugin and refuses the configuration.
 """
@@ -15,7 +15,7 @@ from typing import Iterable
 import pluggy
 
 from milterd import hookspecs
-from milterd.config import Config
+from milterd.core.config import Config
 
 log = logging.getLogger("milterd.plugins")
 

@@ -25,7 +25,7 @@ import threading
 from dataclasses import dataclass
 from typing import Protocol
 
-from milterd.tlspolicy import PolicyAnswer
+from milterd.outbound.tlspolicy import PolicyAnswer
 
 __all__ = ["SocketmapServer", "ServerHandle", "encode_netstring", "MAX_REPLY"]
 
@@ -50,7 +50,7 @@ def encode_netstring(payload: str) -> bytes:
 class SocketmapServer:
     """Asyncio socketmap server.
 
-    :param resolver: a :class:`milterd.tlspolicy.PolicyResolver` (anything with
+    :param resolver: a :class:`milterd.outbound.tlspolicy.PolicyResolver` (anything with
         ``async resolve(key) -> PolicyAnswer``).
     :param host, port: listen address (``port=0``: ephemeral; the bound port is ``.port``).
     :param map_name: the name field Postfix sends (the last part of ``socketmap:inet:h:p:NAME``).

@@ -1,7 +1,7 @@
 """The pymilter adapter: libmilter callbacks → session model → hooks → milter replies.
 
 Kept thin on purpose: it builds :class:`~milterd.session.Connection` / :class:`~milterd.session.Message`
-values, calls the :class:`~milterd.app.Dispatcher`, and turns verdicts and header edits into
+values, calls the :class:`~milterd.core.app.Dispatcher`, and turns verdicts and header edits into
 libmilter calls.  No policy lives here.
 
 Speed (see shared/notes/postfix.md): negotiation is most of a Python milter's cost, so it asks the
@@ -28,10 +28,10 @@ import milter
 from Milter import (CONTINUE, NOREPLY, REJECT, TEMPFAIL, P_NOBODY, P_NOCONNECT, P_NODATA,
                     P_NOEOH, P_NOUNKNOWN, P_NR_CONN, P_NR_HDR, P_NR_HELO, P_NR_MAIL, P_NR_RCPT)
 
-from milterd.app import App, Dispatcher
-from milterd.coverage import is_from_field
+from milterd.core.app import App, Dispatcher
+from milterd.policy.coverage import is_from_field
 from milterd.session import NO_TLS, Connection, Message, TlsFacts
-from milterd.tlsfacts import TLS_MACROS, from_macros, merge_policy_facts
+from milterd.inbound.tlsfacts import TLS_MACROS, from_macros, merge_policy_facts
 from milterd.verdict import Action, AddHeader, DeleteHeader, HeaderEdit, Verdict
 
 log = logging.getLogger("milterd.session")

@@ -21,8 +21,8 @@ import re
 from dataclasses import replace
 from typing import Mapping
 
-from milterd.config import normalize_fingerprint
-from milterd.dn import subject_cn, xtext_decode
+from milterd.core.config import normalize_fingerprint
+from milterd.policy.dn import subject_cn, xtext_decode
 from milterd.session import NO_TLS, CertVerify, TlsFacts
 
 # The macros milterd asks the MTA for, per stage.  Postfix ignores names it does not know.

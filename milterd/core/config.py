@@ -444,7 +444,7 @@ class _Validator:
         return ListenAddress(host, port)
 
     def domain_list(self, key: str) -> tuple[str, ...]:
-        from milterd.names import normalize_dns_name
+        from milterd.policy.names import normalize_dns_name
 
         values = self.get(key, list, [], check=_list_of_str)
         out = []
@@ -459,7 +459,7 @@ class _Validator:
         return tuple(out)
 
     def pins(self, key: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
-        from milterd.names import normalize_dns_name
+        from milterd.policy.names import normalize_dns_name
 
         table = self.get(key, dict, {})
         out = []

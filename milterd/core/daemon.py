@@ -28,11 +28,11 @@ from typing import Any
 import Milter
 import milter
 
-from milterd.adapter import LIBMILTER_MODE, session_class
-from milterd.app import App, Dispatcher, build_dispatcher
-from milterd.config import Config, ConfigError, load_config
-from milterd.metrics import MetricsServer
-from milterd.policy_server import ListenerError, PolicyServer
+from milterd.inbound.milter_adapter import LIBMILTER_MODE, session_class
+from milterd.core.app import App, Dispatcher, build_dispatcher
+from milterd.core.config import Config, ConfigError, load_config
+from milterd.core.metrics import MetricsServer
+from milterd.inbound.policy_server import ListenerError, PolicyServer
 
 log = logging.getLogger("milterd")
 
@@ -113,7 +113,7 @@ class Daemon:
         return dispatcher
 
     def _refresh_cert_gauge(self, config: Config) -> None:
-        from milterd.certtool import certificate_expiry
+        from milterd.certs.tool import certificate_expiry
 
         paths = _configured_cert_paths(config)
         gauge = self.app.metrics.certificate_expiry
@@ -196,7 +196,7 @@ class Daemon:
         self._servers.clear()
 
     def _start_socketmap(self, c: Config) -> None:
-        from milterd.outbound import start_socketmap
+        from milterd.outbound.service import start_socketmap
 
         try:
             self._servers.append(start_socketmap(self.app, c))
@@ -206,7 +206,7 @@ class Daemon:
         log.info("TLS policy socketmap on %s", c.socketmap_listen)
 
     def _start_maillog(self, c: Config) -> None:
-        from milterd.outbound import start_maillog_follower
+        from milterd.outbound.service import start_maillog_follower
 
         self._servers.append(start_maillog_follower(self.app, c))
         log.info("following %s for outbound TLS results", c.outbound.maillog)

@@ -19,9 +19,9 @@ from typing import Any, Callable
 
 import pluggy
 
-from milterd.config import Config
-from milterd.metrics import Metrics
-from milterd.policy_views import PolicyViews
+from milterd.core.config import Config
+from milterd.core.metrics import Metrics
+from milterd.inbound.policy_views import PolicyViews
 from milterd.session import Connection, Message, Stash
 from milterd.verdict import CONTINUE, Action, HeaderEdit, Verdict, compose
 
@@ -166,7 +166,7 @@ class Dispatcher:
 def build_dispatcher(app: App, config: Config, *, load_entrypoints: bool = True,
                      extra_plugins: tuple[tuple[str, object], ...] = ()) -> Dispatcher:
     """Load plugins for ``config`` and run their configure hooks; raises on any failure."""
-    from milterd.plugins import make_plugin_manager
+    from milterd.core.plugins import make_plugin_manager
 
     pm = make_plugin_manager(config, load_entrypoints=load_entrypoints,
                              extra_plugins=extra_plugins)

@@ -14,7 +14,7 @@ Rules implemented
   A-labels, dNSName being an IA5String) compare exactly.  A *U-label* with an IDNA 2003/2008
   deviation character (``ß``, ``ẞ``, ``ς``) is refused: IDNA 2003 maps ``straße`` to ``strasse``,
   IDNA 2008 to ``xn--strae-oqa``, and a name with two readings names nothing (a certificate for
-  one must never match the other; :mod:`milterd.coverage` takes both readings of an address).
+  one must never match the other; :mod:`milterd.policy.coverage` takes both readings of an address).
   Invisible characters (soft hyphen, zero-width joiners), controls and spaces are refused, never
   mapped away.
 * Labels must be LDH (letters, digits, hyphen; no leading/trailing hyphen), 1..63 octets,

@@ -63,7 +63,7 @@ def stamp_value(tls: TlsFacts, ds_status: str, ds_domain: str | None,
     parts.append(f"domain-secure={ds_status}")
     if ds_domain:
         parts.append(f"domain={ds_domain}")
-    if ds_reason:  # report mode delivers failures: say why (a closed set, see milterd.reasons)
+    if ds_reason:  # report mode delivers failures: say why (a closed set, see milterd.policy.reasons)
         parts.append(f"reason={ds_reason}")
     return "; ".join(parts)
 

@@ -1,0 +1,1 @@
+"""Certificate tooling: `milterd cert request|import|list|check`."""
