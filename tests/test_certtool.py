@@ -18,7 +18,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import NoEncryption, pkcs12
 from cryptography.x509.oid import NameOID
 
-from milterd.certs import tool as certtool
+from milterd.certs import tool as certtool_compat
+from milterd.certs.check import check_certificate
+from milterd.certs.cli import register
+from milterd.certs.common import CertError
+from milterd.certs.expiry import certificate_expiry
+from milterd.certs.openssl import VerifyError, parse_verify_output
 from certtool_helpers import (
     DAY, NOW, OPENSSL, Issued, key_pem, make_ca, make_crl, make_leaf, openssl_pkcs12, pem, write,
 )
@@ -27,7 +32,7 @@ from certtool_helpers import (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="milterd")
     sub = parser.add_subparsers(dest="command", required=True)
-    certtool.register(sub)
+    register(sub)
     return parser
 
 
@@ -486,11 +491,11 @@ def test_check_user_errors_exit2(tmp_path: Path, capsys, pki) -> None:
 
 def test_check_certificate_function_direct(pki) -> None:
     good = pki["good"]
-    assert certtool.check_certificate(good.cert, [], [pki["root"].cert], None, "mail.woodgrovebank.test") == []
-    fails = certtool.check_certificate(good.cert, [], [], None, None)
+    assert check_certificate(good.cert, [], [pki["root"].cert], None, "mail.woodgrovebank.test") == []
+    fails = check_certificate(good.cert, [], [], None, None)
     assert [k for k, _ in fails] == ["untrusted"]
     later = NOW + 200 * DAY  # the leaf is valid for 90 days
-    assert [k for k, _ in certtool.check_certificate(good.cert, [], [pki["root"].cert], now=later)] == ["expired"]
+    assert [k for k, _ in check_certificate(good.cert, [], [pki["root"].cert], now=later)] == ["expired"]
 
 
 # --------------------------------------------------------------------------- expiry gauge feed
@@ -501,7 +506,7 @@ def test_certificate_expiry(tmp_path: Path, pki, caplog) -> None:
     bad = write(tmp_path / "bad.pem", b"nope")
     missing = str(tmp_path / "missing.pem")
     with caplog.at_level(logging.WARNING, logger="milterd.cert"):
-        rows = certtool.certificate_expiry([a, bad, missing])
+        rows = certificate_expiry([a, bad, missing])
     assert rows == [
         (a, "CN=mail.woodgrovebank.test,O=Woodgrove Bank", pki["good"].cert.not_valid_after_utc.timestamp()),
         (a, "CN=Lab Root CA,O=Lab", pki["root"].cert.not_valid_after_utc.timestamp()),
@@ -586,8 +591,8 @@ def test_check_purpose_option(tmp_path: Path, capsys, pki) -> None:
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args(["cert", "check", "x.pem", "--purpose", "smtp"])
     assert exc.value.code == 2
-    with pytest.raises(certtool.CertError):
-        certtool.check_certificate(server_only.cert, [], [pki["root"].cert], purpose="smtp")
+    with pytest.raises(CertError):
+        check_certificate(server_only.cert, [], [pki["root"].cert], purpose="smtp")
 
 
 def _fake_openssl(tmp_path: Path, version: str, verify_output: str, verify_rc: int) -> str:
@@ -620,10 +625,10 @@ def test_parse_verify_output() -> None:
             "CN=Root,O=Lab\n[CRL path] error 8 at 0 depth lookup: CRL signature failure\n"
             "error 20 at 0 depth lookup: unable to get local issuer certificate\n"
             "error leaf.pem: verification failed\n")
-    assert certtool.parse_verify_output(text) == [
-        certtool.VerifyError(10, 1, "CN=Inter,O=Lab", "certificate has expired"),
-        certtool.VerifyError(8, 0, "CN=Root,O=Lab", "CRL signature failure", crl_path=True),
-        certtool.VerifyError(20, 0, None, "unable to get local issuer certificate"),
+    assert parse_verify_output(text) == [
+        VerifyError(10, 1, "CN=Inter,O=Lab", "certificate has expired"),
+        VerifyError(8, 0, "CN=Root,O=Lab", "CRL signature failure", crl_path=True),
+        VerifyError(20, 0, None, "unable to get local issuer certificate"),
     ]
 
 
@@ -640,3 +645,13 @@ def test_check_through_the_milterd_command(tmp_path: Path, pki) -> None:
     assert (proc.returncode, proc.stdout) == (0, "OK\n"), proc.stderr
     proc = subprocess.run(base + ["--purpose", "client"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and proc.stdout.startswith("purpose: "), proc.stdout + proc.stderr
+
+
+def test_old_import_path_still_serves_the_cli_and_the_daemon() -> None:
+    """``milterd/cli.py`` loads ``register`` from ``milterd.certs.tool`` by name and the daemon
+    imports ``certificate_expiry`` from it: both stay there, as the split modules' own objects."""
+    assert certtool_compat.register is register
+    assert certtool_compat.certificate_expiry is certificate_expiry
+    assert certtool_compat.CertError is CertError
+    assert certtool_compat.check_certificate is check_certificate
+    assert certtool_compat.parse_verify_output is parse_verify_output

@@ -34,7 +34,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID as EKU, NameOID
 from certtool_helpers import (
     DAY, NOW, OPENSSL, Issued, idp, key_usage, make_cert, make_crl, ns_cert_type, pem, unknown_extension, write,
 )
-from milterd.certs import tool as certtool
+from milterd.certs.check import KEYWORDS
+from milterd.certs.cli import register
 
 SERVER, CLIENT = EKU.SERVER_AUTH, EKU.CLIENT_AUTH
 LEAF = "mx.contoso.test"
@@ -270,7 +271,7 @@ def openssl_verify(files: dict[str, str | None], role: str) -> subprocess.Comple
 
 def cert_check(capsys: pytest.CaptureFixture[str], files: dict[str, str | None], purpose: str) -> tuple[int, list[str]]:
     parser = argparse.ArgumentParser(prog="milterd")
-    certtool.register(parser.add_subparsers(dest="command", required=True))
+    register(parser.add_subparsers(dest="command", required=True))
     argv = ["cert", "check", files["cert"], "--ca", files["ca"], "--purpose", purpose]
     if files["crl"]:
         argv += ["--crl", files["crl"]]
@@ -322,7 +323,7 @@ def test_cert_check_agrees_with_openssl_verify(shape: Shape, root: Issued, tmp_p
         parsed = [LINE.match(line) for line in lines]
         assert all(parsed), lines
         got = [m.group(1) for m in parsed if m]
-        assert set(got) <= certtool.KEYWORDS, got
+        assert set(got) <= KEYWORDS, got
         assert set(got) == want, (purpose, lines)
         # One line per failure: OpenSSL errors about one thing (seen in several runs, or as
         # "invalid CA" + "no keyCertSign") are merged, so most shapes have one line per keyword.
