@@ -19,17 +19,18 @@ policy request is only as trustworthy as the socket it came over (see ``[policy]
 :meth:`PolicyView.agrees_with` additionally checks the view's TLS attributes against the milter's
 own TLS facts of the session, so a view describing another session (or a guessed one) is not used.
 
-Bounded: at most ``max_entries`` views, each forgotten after ``ttl`` seconds.
+Bounded: at most ``max_entries`` views (the least recently used goes first), each forgotten
+``ttl`` seconds after it was received (:class:`milterd.core.cache.TtlLruCache`).
 """
 
 from __future__ import annotations
 
 import ipaddress
-import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
+
+from milterd.core.cache import TtlLruCache
 
 if TYPE_CHECKING:
     from milterd.session import TlsFacts
@@ -124,43 +125,43 @@ class PolicyView:
 
 
 class PolicyViews:
-    def __init__(self, max_entries: int = 10000, ttl: float = 600.0):
-        self._views: OrderedDict[tuple[str, int], PolicyView] = OrderedDict()
-        self._lock = threading.Lock()
-        self.max_entries = max_entries
-        self.ttl = ttl
+    """The views by client address and port.
+
+    :param clock: the clock ``received_at`` was read from (``time.monotonic``; tests inject one).
+    """
+
+    def __init__(self, max_entries: int = 10000, ttl: float = 600.0, *,
+                 clock: Callable[[], float] = time.monotonic):
+        self._views: TtlLruCache[tuple[str, int], PolicyView] = TtlLruCache(
+            max_entries, ttl, clock=clock)
+
+    @property
+    def max_entries(self) -> int:
+        return self._views.max_entries
+
+    @property
+    def ttl(self) -> float:
+        return self._views.ttl
 
     def put(self, view: PolicyView) -> bool:
         """Store ``view`` (replacing any older one for the same client); False if it has no key."""
         key = _key(view.client_address, view.client_port)
         if key is None:
             return False
-        with self._lock:
-            self._views[key] = view
-            self._views.move_to_end(key)
-            while len(self._views) > self.max_entries:
-                self._views.popitem(last=False)
+        self._views.put(key, view, since=view.received_at)
         return True
 
     def get(self, client_address: str | None, client_port: int | str | None) -> PolicyView | None:
         key = _key(client_address, client_port)
         if key is None:
             return None
-        with self._lock:
-            view = self._views.get(key)
-            if view is None:
-                return None
-            if time.monotonic() - view.received_at > self.ttl:
-                del self._views[key]
-                return None
-            return view
+        return self._views.get(key)
 
     def forget(self, client_address: str | None, client_port: int | str | None) -> None:
         key = _key(client_address, client_port)
         if key is None:
             return
-        with self._lock:
-            self._views.pop(key, None)
+        self._views.pop(key)
 
     def __len__(self) -> int:
         return len(self._views)

@@ -34,12 +34,11 @@ import asyncio
 import logging
 import re
 import ssl
-import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Literal, Mapping, Protocol, Sequence
 
+from milterd.core.cache import TtlLruCache
 from milterd.policy.names import name_matches, normalize_dns_name
 
 __all__ = [
@@ -189,13 +188,6 @@ def parse_sts_policy(text: str) -> StsPolicy:
     return StsPolicy(mode=mode, mx=tuple(mx), max_age=min(int(age), MAX_AGE_LIMIT))  # type: ignore[arg-type]
 
 
-@dataclass
-class _Cached:
-    policy_id: str
-    policy: StsPolicy
-    expires: float
-
-
 class MtaStsClient:
     """Discovers, fetches and caches MTA-STS policies.
 
@@ -225,34 +217,21 @@ class MtaStsClient:
         self._override = dict(address_override or {})
         self._timeout = fetch_timeout
         self._max_size = max_policy_size
-        self._cache_size = max(1, cache_size)
-        self._clock = clock
-        self._cache: OrderedDict[str, _Cached] = OrderedDict()
-        self._lock = threading.Lock()
+        # domain -> (policy id, policy), each until fetched + max_age (wall clock)
+        self._cache: TtlLruCache[str, tuple[str, StsPolicy]] = TtlLruCache(cache_size, clock=clock)
         self._ssl: ssl.SSLContext | None = None
 
     # -- cache -------------------------------------------------------------------------------
     def cached(self, domain: str) -> StsLookup | None:
         """The cached, unexpired policy for ``domain`` (no I/O), or None."""
-        with self._lock:
-            entry = self._cache.get(domain)
-            if entry is None:
-                return None
-            if entry.expires <= self._clock():
-                del self._cache[domain]
-                return None
-            self._cache.move_to_end(domain)
-            return StsLookup(domain, "cached", entry.policy, entry.policy_id)
+        entry = self._cache.get(domain)
+        if entry is None:
+            return None
+        policy_id, policy = entry
+        return StsLookup(domain, "cached", policy, policy_id)
 
     def _store(self, domain: str, policy_id: str, policy: StsPolicy) -> None:
-        with self._lock:
-            if policy.max_age <= 0:
-                self._cache.pop(domain, None)
-                return
-            self._cache[domain] = _Cached(policy_id, policy, self._clock() + policy.max_age)
-            self._cache.move_to_end(domain)
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+        self._cache.put(domain, (policy_id, policy), ttl=policy.max_age)  # max_age 0: forgotten
 
     # -- lookup ------------------------------------------------------------------------------
     async def lookup(self, domain: str) -> StsLookup:

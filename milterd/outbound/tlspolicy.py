@@ -51,9 +51,7 @@ import asyncio
 import ipaddress
 import logging
 import re
-import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Literal, Sequence
 
@@ -64,6 +62,7 @@ import dns.message
 import dns.rdatatype
 import dns.resolver
 
+from milterd.core.cache import TtlLruCache
 from milterd.outbound.mtasts import MtaStsClient, StsLookup
 from milterd.policy.names import domain_listed, normalize_dns_name
 
@@ -267,12 +266,6 @@ class _DaneOutcome:
     mx_hosts: tuple[str, ...] = ()
 
 
-@dataclass
-class _Entry:
-    answer: PolicyAnswer
-    expires: float
-
-
 class PolicyResolver:
     """Resolve the Postfix TLS policy for a next-hop key (see the module docstring).
 
@@ -314,7 +307,6 @@ class PolicyResolver:
         self.min_protocol = min_protocol
         self._dns = dns
         self._sts = mtasts
-        self._cache_size = max(1, cache_size)
         self._negative_ttl = negative_ttl
         self._min_ttl = min_ttl
         self._max_ttl = max_ttl
@@ -323,9 +315,7 @@ class PolicyResolver:
         self._send_match = tuple(send_match)
         self._sts_testing = sts_testing_answer
         self._on_dns_error = on_dns_error
-        self._clock = clock
-        self._cache: OrderedDict[str, _Entry] = OrderedDict()
-        self._lock = threading.Lock()
+        self._cache: TtlLruCache[str, PolicyAnswer] = TtlLruCache(cache_size, clock=clock)
         self._inflight: dict[str, asyncio.Task[PolicyAnswer]] = {}
 
     # -- pure parts --------------------------------------------------------------------------
@@ -365,31 +355,15 @@ class PolicyResolver:
         sent = self.send_list_answer(hop)
         if sent is not None:
             return sent
-        return self._cache_get(_cache_key(hop))
-
-    def _cache_get(self, ck: str) -> PolicyAnswer | None:
-        with self._lock:
-            entry = self._cache.get(ck)
-            if entry is None:
-                return None
-            if entry.expires <= self._clock():
-                del self._cache[ck]
-                return None
-            self._cache.move_to_end(ck)
-            return entry.answer
+        return self._cache.get(_cache_key(hop))
 
     def _cache_put(self, ck: str, answer: PolicyAnswer, ttl: float) -> None:
         if ttl <= 0 or answer.kind in ("temp", "perm"):
             return
-        with self._lock:
-            self._cache[ck] = _Entry(answer, self._clock() + ttl)
-            self._cache.move_to_end(ck)
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+        self._cache.put(ck, answer, ttl)
 
     def clear_cache(self) -> None:
-        with self._lock:
-            self._cache.clear()
+        self._cache.clear()
 
     # -- resolution --------------------------------------------------------------------------
     async def resolve(self, key: str) -> PolicyAnswer:
@@ -405,7 +379,7 @@ class PolicyResolver:
         if sent is not None:
             return sent
         ck = _cache_key(hop)
-        cached = self._cache_get(ck)
+        cached = self._cache.get(ck)
         if cached is not None:
             return cached
         task = self._inflight.get(ck)
