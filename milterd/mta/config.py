@@ -33,6 +33,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from milterd.policy.names import domain_listed, normalize_dns_name
+
 from .milter_client import SocketSpec
 
 _ACTIONS = ("tempfail", "accept", "reject")
@@ -77,17 +79,13 @@ class MtaConfig:
         return self.tls_cert is not None
 
     def is_local(self, domain: str) -> bool:
-        return domain.lower() in {d.lower() for d in self.local_domains}
+        name = normalize_dns_name(domain)
+        return name is not None and name in {normalize_dns_name(d) for d in self.local_domains}
 
     def on_send_list(self, domain: str) -> bool:
-        d = domain.lower().rstrip(".")
-        for entry in self.send_domains:
-            e = entry.lower().rstrip(".")
-            if e.startswith(".") and d.endswith(e):
-                return True
-            if d == e:
-                return True
-        return False
+        """Exchange's send list, as milterd reads ``send_domains``
+        (:func:`milterd.policy.names.domain_listed`)."""
+        return domain_listed(domain, self.send_domains) is not None
 
     def route(self, domain: str) -> Optional[tuple[str, int]]:
         return {k.lower(): v for k, v in self.routes.items()}.get(domain.lower())

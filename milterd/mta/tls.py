@@ -38,12 +38,14 @@ import logging
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 from cryptography.x509.verification import (ExtensionPolicy, PolicyBuilder, Store,
                                             VerificationError)
+
+from milterd.policy.names import name_covers_domain
 
 log = logging.getLogger(__name__)
 
@@ -338,29 +340,13 @@ def local_cert_facts(cert_file: Path) -> CertFacts:
 # ---------------------------------------------------------------------- name check
 
 
-def _fallback_covers(presented: str, domain: str) -> bool:
-    p = presented.lower().rstrip(".")
-    d = domain.lower().rstrip(".")
-    if p.startswith("*."):
-        return False  # a wildcard names hosts, not the domain itself or arbitrary subdomains
-    return p == d or p.endswith("." + d)
-
-
-def name_checker() -> Callable[[str, str], bool]:
-    """``milterd.policy.names.name_covers_domain`` when it exists (written by another
-    helper), else a conservative local check: exact domain or a host under it."""
-    try:
-        from milterd.policy.names import name_covers_domain  # type: ignore[import-not-found]
-        return name_covers_domain  # type: ignore[no-any-return]
-    except ImportError:
-        return _fallback_covers
-
-
 def cert_names(cert: CertFacts) -> tuple[str, ...]:
     """DNS SANs, or the CN when there are none (RFC 6125 fallback)."""
     return cert.dns_names or ((cert.subject_cn,) if cert.subject_cn else ())
 
 
 def cert_covers_domain(cert: CertFacts, domain: str) -> bool:
-    check = name_checker()
-    return any(check(n, domain) for n in cert_names(cert))
+    """Does a certificate name cover ``domain`` (the domain or a host under it)?  The rules are
+    milterd's own (:func:`milterd.policy.names.name_covers_domain`), so the reference MTA decides
+    as milterd does."""
+    return any(name_covers_domain(n, domain) for n in cert_names(cert))

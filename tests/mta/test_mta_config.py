@@ -30,6 +30,10 @@ ca_files = ["ca.crt"]
     assert cfg.on_send_list("woodgrovebank.test") and cfg.on_send_list("mx.partner.test")
     assert not cfg.on_send_list("partner.test") and not cfg.on_send_list("fabrikam.test")
     assert cfg.is_local("CONTOSO.test") and cfg.milter_default_action == "tempfail"
+    # the send list is read by milterd's own rules (milterd.policy.names.domain_listed)
+    assert cfg.on_send_list("WoodgroveBank.test.") and cfg.on_send_list("a.b.partner.test")
+    assert not cfg.on_send_list("evilpartner.test") and not cfg.on_send_list("woodgrovebank..test")
+    assert cfg.is_local("contoso.test.") and not cfg.is_local("mx.contoso.test")
 
 
 @pytest.mark.parametrize("extra, message", [
