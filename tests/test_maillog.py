@@ -364,3 +364,16 @@ def test_real_postfix_37_hostname_mismatch_is_name_mismatch():
     results = [r for r in (p.feed(l) for l in lines) if r is not None]
     assert [(r.reason, r.status, r.recipient_domain) for r in results] == [
         ("name_mismatch", "deferred", "wrongname.test")]
+
+
+def test_outbound_reasons_are_one_closed_set():
+    """The metric label values are public: the set, its spelling and its typing agree."""
+    from typing import get_args
+
+    from milterd.policy import reasons
+
+    assert reasons.OUTBOUND_TLS_FAILURES == ("starttls_not_offered", "untrusted_cert",
+                                             "name_mismatch", "handshake_failed")
+    assert reasons.OUTBOUND_ALL == reasons.OUTBOUND_TLS_FAILURES + ("other",)
+    assert get_args(reasons.OutboundReason) == reasons.OUTBOUND_ALL
+    assert set(reasons.OUTBOUND_DESCRIPTIONS) == set(reasons.OUTBOUND_ALL)

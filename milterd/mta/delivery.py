@@ -5,13 +5,16 @@ Outbound policy, after Exchange's TLSSendDomainSecureList:
 * domain on ``send_domains`` -> STARTTLS is required, the server chain must
   verify against our CAs and a certificate name must cover the domain. Any
   failure defers the message (it stays queued and is *never* sent in clear)
-  and is reported as ``on_outbound_result(domain, False, reason)`` with
-  reason ``no_starttls`` | ``tls_handshake`` | ``untrusted_cert`` |
-  ``name_mismatch`` | ``connect`` | ``smtp_error``. Success reports
+  and is reported as ``on_outbound_result(domain, False, reason)`` with an
+  outbound reason of :mod:`milterd.policy.reasons` — the same words milterd
+  counts for Postfix: ``starttls_not_offered`` | ``handshake_failed`` |
+  ``untrusted_cert`` | ``name_mismatch``, or ``other`` for a failure that is
+  not TLS (no route, connection failed, SMTP error; the cause is in
+  ``RelayResult.detail``, the log and the queue file). Success reports
   ``(domain, True, "secured")``.
 * any other domain -> opportunistic TLS: STARTTLS when offered, certificate
   not checked; a failed handshake falls back to plaintext on a new
-  connection. Reported with reason ``tls`` or ``plaintext``.
+  connection. Reported with ``tls`` or ``plaintext``.
 
 smtplib runs in a worker thread: it is the stdlib's well-tested client and
 outbound volume in tests/demos is small.
@@ -31,6 +34,8 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from cryptography import x509
+
+from milterd.policy import reasons
 
 from .config import MtaConfig
 from .protocol_log import ProtocolLog, SessionLog
@@ -76,10 +81,18 @@ def deliver_maildir(root: Path, recipient: str, content: bytes, queue_id: str) -
 @dataclass(frozen=True)
 class OutboundResult:
     ok: bool
-    reason: str
+    reason: str              # failed: an outbound reason; ok: secured | tls | plaintext
     permanent: bool = False  # a 5xx from the receiver: retrying will not help
     accepted: tuple[str, ...] = ()
     tls: Optional[TlsFacts] = None
+    detail: str = ""         # the cause of an "other" failure: no_route | connect | smtp_error
+
+    def describe(self) -> str:
+        return "%s (%s)" % (self.reason, self.detail) if self.detail else self.reason
+
+
+class _RetryInPlaintext(Exception):
+    """Opportunistic TLS: the handshake failed; deliver again without STARTTLS."""
 
 
 class _LoggingSMTP(smtplib.SMTP):
@@ -116,15 +129,12 @@ def send_message(cfg: MtaConfig, cas: Sequence[x509.Certificate], plog_root: Pro
                  local_cert: Optional[CertFacts], *, timeout: float = 30.0) -> OutboundResult:
     """Deliver to one domain (blocking; run in a thread). Opportunistic TLS: a
     broken handshake is retried once in plaintext on a new connection."""
-    res = _session(cfg, cas, plog_root, domain, mail_from, rcpts, content, local_cert,
-                   timeout=timeout, plaintext_only=False)
-    if res.reason == _FALLBACK:
-        res = _session(cfg, cas, plog_root, domain, mail_from, rcpts, content, local_cert,
-                       timeout=timeout, plaintext_only=True)
-    return res
-
-
-_FALLBACK = "tls_fallback"
+    try:
+        return _session(cfg, cas, plog_root, domain, mail_from, rcpts, content, local_cert,
+                        timeout=timeout, plaintext_only=False)
+    except _RetryInPlaintext:
+        return _session(cfg, cas, plog_root, domain, mail_from, rcpts, content, local_cert,
+                        timeout=timeout, plaintext_only=True)
 
 
 def _session(cfg: MtaConfig, cas: Sequence[x509.Certificate], plog_root: ProtocolLog,
@@ -133,7 +143,7 @@ def _session(cfg: MtaConfig, cas: Sequence[x509.Certificate], plog_root: Protoco
              plaintext_only: bool) -> OutboundResult:
     route = cfg.route(domain)
     if route is None:
-        return OutboundResult(False, "no_route")
+        return OutboundResult(False, reasons.OUTBOUND_OTHER, detail="no_route")
     host, port = route
     secure = cfg.on_send_list(domain)
     plog = plog_root.session("Send", "", "%s:%d" % (host, port))
@@ -143,7 +153,7 @@ def _session(cfg: MtaConfig, cas: Sequence[x509.Certificate], plog_root: Protoco
                             timeout=timeout)
     except (OSError, smtplib.SMTPException) as exc:
         plog.disconnect("connect failed: %s" % type(exc).__name__)
-        return OutboundResult(False, "connect")
+        return OutboundResult(False, reasons.OUTBOUND_OTHER, detail="connect")
     tls: Optional[TlsFacts] = None
     try:
         smtp.ehlo()
@@ -153,8 +163,8 @@ def _session(cfg: MtaConfig, cas: Sequence[x509.Certificate], plog_root: Protoco
             except (ssl.SSLError, OSError) as exc:
                 plog.info("TLS handshake failed (%s)" % type(exc).__name__)
                 if secure:
-                    return OutboundResult(False, "tls_handshake")
-                return OutboundResult(False, _FALLBACK)
+                    return OutboundResult(False, reasons.OUTBOUND_HANDSHAKE_FAILED)
+                raise _RetryInPlaintext
             assert isinstance(smtp.sock, ssl.SSLSocket)
             tls = facts_from_ssl(smtp.sock, cas, local_cert)
             plog.tls(tls)
@@ -162,16 +172,16 @@ def _session(cfg: MtaConfig, cas: Sequence[x509.Certificate], plog_root: Protoco
                 if tls.peer_cert is None or not tls.verified:
                     plog.info("domain secure: untrusted certificate",
                               tls.verify_reason)
-                    return OutboundResult(False, "untrusted_cert", tls=tls)
+                    return OutboundResult(False, reasons.OUTBOUND_UNTRUSTED_CERT, tls=tls)
                 if not cert_covers_domain(tls.peer_cert, domain):
                     plog.info("domain secure: certificate names %s do not cover %s"
                               % (";".join(tls.peer_cert.dns_names or (tls.peer_cert.subject_cn,)),
                                  domain))
-                    return OutboundResult(False, "name_mismatch", tls=tls)
+                    return OutboundResult(False, reasons.OUTBOUND_NAME_MISMATCH, tls=tls)
             smtp.ehlo()
         elif secure:
             plog.info("domain secure: STARTTLS not offered")
-            return OutboundResult(False, "no_starttls")
+            return OutboundResult(False, reasons.OUTBOUND_STARTTLS_NOT_OFFERED)
         plog.info("%s;%d, sending message" % (domain, len(rcpts)))
         refused = smtp.sendmail(mail_from, list(rcpts), content)
         accepted = tuple(r for r in rcpts if r not in refused)
@@ -179,12 +189,14 @@ def _session(cfg: MtaConfig, cas: Sequence[x509.Certificate], plog_root: Protoco
         return OutboundResult(True, reason, accepted=accepted, tls=tls)
     except smtplib.SMTPRecipientsRefused as exc:
         permanent = all(code >= 500 for code, _ in exc.recipients.values())
-        return OutboundResult(False, "smtp_error", permanent=permanent, tls=tls)
+        return OutboundResult(False, reasons.OUTBOUND_OTHER, permanent=permanent, tls=tls,
+                              detail="smtp_error")
     except smtplib.SMTPResponseException as exc:
-        return OutboundResult(False, "smtp_error", permanent=exc.smtp_code >= 500, tls=tls)
+        return OutboundResult(False, reasons.OUTBOUND_OTHER, permanent=exc.smtp_code >= 500,
+                              tls=tls, detail="smtp_error")
     except (smtplib.SMTPException, OSError) as exc:
         log.info("outbound %s: %s", domain, type(exc).__name__)
-        return OutboundResult(False, "smtp_error", tls=tls)
+        return OutboundResult(False, reasons.OUTBOUND_OTHER, tls=tls, detail="smtp_error")
     finally:
         try:
             smtp.quit()
@@ -308,11 +320,12 @@ class DeliveryAgent:
                 log.info("%s: relayed to %s (%s)", meta.queue_id, domain, res.reason)
             elif res.permanent:
                 self.stats.failed += len(rcpts)
-                log.warning("%s: %s refused permanently (%s)", meta.queue_id, domain, res.reason)
+                log.warning("%s: %s refused permanently (%s)", meta.queue_id, domain,
+                            res.describe())
             else:
                 remaining.extend(rcpts)
-                errors.append("%s: %s" % (domain, res.reason))
-                log.info("%s: deferred for %s (%s)", meta.queue_id, domain, res.reason)
+                errors.append("%s: %s" % (domain, res.describe()))
+                log.info("%s: deferred for %s (%s)", meta.queue_id, domain, res.describe())
         if not remaining:
             await asyncio.to_thread(self.queue.remove, meta.queue_id)
             return

@@ -57,22 +57,20 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone, tzinfo
 from typing import Any, Callable, Literal
 
+from milterd.policy import reasons
+from milterd.policy.reasons import OutboundReason
+
 __all__ = [
     "OutboundResult",
     "MaillogParser",
     "MaillogFollower",
     "FollowerHandle",
-    "TLS_FAILURE_REASONS",
     "tlsrpt_result_type",
 ]
 
 log = logging.getLogger(__name__)
 
 TlsLevel = Literal["verified", "trusted", "untrusted", "anonymous", "none"]
-FailureReason = Literal["starttls_not_offered", "untrusted_cert", "name_mismatch",
-                        "handshake_failed", "other"]
-TLS_FAILURE_REASONS = ("starttls_not_offered", "untrusted_cert", "name_mismatch",
-                       "handshake_failed")
 _MAX_LINE = 64 * 1024
 
 
@@ -85,7 +83,7 @@ class OutboundResult:
     relay: str                     # "mx.example.com[192.0.2.1]:25" or "none"
     status: Literal["sent", "deferred", "bounced"]
     tls_level: TlsLevel
-    reason: FailureReason | None   # None when sent
+    reason: OutboundReason | None  # None when sent (milterd.policy.reasons, outbound)
     timestamp: datetime            # timezone-aware (UTC)
     recipient: str = ""
     dsn: str = ""
@@ -104,7 +102,7 @@ class OutboundResult:
     @property
     def tls_failure(self) -> bool:
         """True when the attempt failed because of TLS (not e.g. a full mailbox)."""
-        return self.reason in TLS_FAILURE_REASONS
+        return self.reason in reasons.OUTBOUND_TLS_FAILURES
 
 
 # -- line formats ------------------------------------------------------------------------------
@@ -227,37 +225,38 @@ class MaillogParser:
             if state is not None and when - state.when > self._window:
                 state = None
         level: TlsLevel = state.level if state else "none"
-        reason: FailureReason | None = None
+        reason: OutboundReason | None = None
         detail = text
         if status != "sent":
             reason, level = self._classify(text, level, state)
-            if state and state.cert_problem and reason in ("untrusted_cert", "name_mismatch"):
+            if state and state.cert_problem and reason in (reasons.OUTBOUND_UNTRUSTED_CERT,
+                                                           reasons.OUTBOUND_NAME_MISMATCH):
                 detail = f"{text}: {state.cert_problem}"
         return OutboundResult(d.group("qid"), domain, relay, status, level, reason, when,  # type: ignore[arg-type]
                               rcpt, d.group("dsn"), detail[:500], svc)
 
     @staticmethod
     def _classify(text: str, level: TlsLevel, state: _PeerState | None
-                  ) -> tuple[FailureReason, TlsLevel]:
+                  ) -> tuple[OutboundReason, TlsLevel]:
         low = text.lower()
         if "tls is required, but was not offered" in low or "refused to start tls" in low:
-            return "starttls_not_offered", "none"
+            return reasons.OUTBOUND_STARTTLS_NOT_OFFERED, "none"
         if "name mismatch" in low:
-            return "name_mismatch", level
+            return reasons.OUTBOUND_NAME_MISMATCH, level
         if "server certificate not trusted" in low:
-            return "untrusted_cert", level
+            return reasons.OUTBOUND_UNTRUSTED_CERT, level
         if "server certificate not verified" in low:
             # Postfix 3.7 logs a chain that is fine but names another host as
             # "verification failed for …: num=62:hostname mismatch", then "Untrusted TLS".
             problem = (state.cert_problem or "").lower() if state else ""
             if level == "trusted" or "hostname mismatch" in problem or "num=62:" in problem:
-                return "name_mismatch", level
-            return "untrusted_cert", level
+                return reasons.OUTBOUND_NAME_MISMATCH, level
+            return reasons.OUTBOUND_UNTRUSTED_CERT, level
         if "cannot start tls" in low or "tls handshake" in low or "ssl_connect" in low:
-            return "handshake_failed", level
+            return reasons.OUTBOUND_HANDSHAKE_FAILED, level
         if "certificate verification failed" in low:
-            return "untrusted_cert", level
-        return "other", level
+            return reasons.OUTBOUND_UNTRUSTED_CERT, level
+        return reasons.OUTBOUND_OTHER, level
 
 
 # -- TLS-RPT session records --------------------------------------------------------------------
@@ -265,15 +264,15 @@ def tlsrpt_result_type(result: OutboundResult, policy_type: str) -> str | None:
     """RFC 8460 §4.3 result type for a failed session, None for a successful one."""
     if result.status == "sent":
         return None if result.tls_level != "none" else "starttls-not-supported"
-    if result.reason == "starttls_not_offered":
+    if result.reason == reasons.OUTBOUND_STARTTLS_NOT_OFFERED:
         return "starttls-not-supported"
-    if result.reason in ("untrusted_cert", "name_mismatch"):
+    if result.reason in (reasons.OUTBOUND_UNTRUSTED_CERT, reasons.OUTBOUND_NAME_MISMATCH):
         if policy_type == "tlsa":
             return "tlsa-invalid"
-        if result.reason == "name_mismatch":
+        if result.reason == reasons.OUTBOUND_NAME_MISMATCH:
             return "certificate-host-mismatch"
         return "certificate-expired" if "expired" in result.detail.lower() else "certificate-not-trusted"
-    if result.reason == "handshake_failed":
+    if result.reason == reasons.OUTBOUND_HANDSHAKE_FAILED:
         return "validation-failure"
     return None  # a non-TLS failure after TLS was established: the TLS session succeeded
 
@@ -282,7 +281,8 @@ def session_record(result: OutboundResult, policy: Any | None) -> dict | None:
     """The JSON-line record for TLS-RPT, or None when the line is not a TLS session."""
     if result.service != "smtp" or result.relay == "none" or not result.recipient_domain:
         return None
-    if result.status != "sent" and result.reason == "other" and result.tls_level == "none":
+    if (result.status != "sent" and result.reason == reasons.OUTBOUND_OTHER
+            and result.tls_level == "none"):
         return None  # no TLS session was attempted (connection error, plain-text refusal)
     pol = policy.to_json() if policy is not None and hasattr(policy, "to_json") else {}
     policy_type = pol.get("policy_type", "no-policy-found")

@@ -1,7 +1,19 @@
-"""The closed set of Domain Security failure reasons, shared by replies, logs, headers and metrics.
+"""The closed sets of Domain Security failure reasons, one per direction, each defined only here.
 
-Keeping the set closed keeps metric label sets bounded and lets dashboards rely on the names.
+* **Inbound** (a message from a receive-list domain failed Domain Security): shared by SMTP
+  replies, logs, the trace header and ``milterd_domain_security_failures_total{domain,reason}``.
+* **Outbound** (a TLS session to a send-list domain failed): shared by the maillog parser
+  (:mod:`milterd.outbound.maillog`), TLS-RPT session records, the reference MTA's delivery
+  (:mod:`milterd.mta.delivery`) and ``milterd_domain_secured_outbound_session_failures_total
+  {domain,reason}``.
+
+Keeping the sets closed keeps metric label sets bounded and lets dashboards rely on the names:
+the values are public and never change.
 """
+
+from typing import Literal
+
+# -- Inbound: why a message from a receive-list domain failed -----------------------------------
 
 NO_TLS = "no_tls"                      # the session was not encrypted
 TLS_VERSION = "tls_version"            # below [tls] min_version
@@ -13,7 +25,7 @@ PIN_MISMATCH = "pin_mismatch"          # pins exist for the domain; the certific
                                        # and is not otherwise acceptable
 
 ALL = (NO_TLS, TLS_VERSION, CIPHER_BITS, NO_TRUSTED_CERT, NAME_MISMATCH, ISSUER_NOT_ALLOWED,
-       PIN_MISMATCH)
+       PIN_MISMATCH)                   # every inbound reason
 
 DESCRIPTIONS = {
     NO_TLS: "message was not sent over TLS",
@@ -23,4 +35,31 @@ DESCRIPTIONS = {
     NAME_MISMATCH: "client certificate does not name the domain",
     ISSUER_NOT_ALLOWED: "client certificate issuer is not allowed",
     PIN_MISMATCH: "client certificate does not match the pinned fingerprint",
+}
+
+# -- Outbound: why a delivery attempt to a send-list domain failed ------------------------------
+
+OUTBOUND_STARTTLS_NOT_OFFERED = "starttls_not_offered"  # TLS required; the server did not offer
+                                                        # STARTTLS (or refused to start TLS)
+OUTBOUND_UNTRUSTED_CERT = "untrusted_cert"    # the server's chain did not verify
+OUTBOUND_NAME_MISMATCH = "name_mismatch"      # trusted chain, but no name covers the domain
+OUTBOUND_HANDSHAKE_FAILED = "handshake_failed"  # the TLS handshake itself failed
+OUTBOUND_OTHER = "other"                      # not a TLS failure (connection refused, 4xx/5xx
+                                              # reply, full mailbox …): never counted
+
+#: The TLS failures: the ``reason`` label values of the outbound failure counter.
+OUTBOUND_TLS_FAILURES = (OUTBOUND_STARTTLS_NOT_OFFERED, OUTBOUND_UNTRUSTED_CERT,
+                         OUTBOUND_NAME_MISMATCH, OUTBOUND_HANDSHAKE_FAILED)
+OUTBOUND_ALL = OUTBOUND_TLS_FAILURES + (OUTBOUND_OTHER,)
+
+#: The same set for type checkers (tests check it equals :data:`OUTBOUND_ALL`).
+OutboundReason = Literal["starttls_not_offered", "untrusted_cert", "name_mismatch",
+                         "handshake_failed", "other"]
+
+OUTBOUND_DESCRIPTIONS = {
+    OUTBOUND_STARTTLS_NOT_OFFERED: "the server did not offer STARTTLS",
+    OUTBOUND_UNTRUSTED_CERT: "server certificate not trusted",
+    OUTBOUND_NAME_MISMATCH: "server certificate does not name the domain",
+    OUTBOUND_HANDSHAKE_FAILED: "TLS handshake failed",
+    OUTBOUND_OTHER: "delivery failed for a reason other than TLS",
 }

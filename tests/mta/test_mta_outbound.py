@@ -48,7 +48,7 @@ def test_good_certificate_is_delivered_and_counted_secured(make_mta, pki):
 @pytest.mark.parametrize("receiver_cert, reason", [
     ("wrongname_server", "name_mismatch"),
     ("untrusted_server", "untrusted_cert"),
-    ("none", "no_starttls"),
+    ("none", "starttls_not_offered"),
 ])
 def test_failure_defers_and_never_sends_in_clear(make_mta, pki, receiver_cert, reason):
     sender, receiver, events = _pair(make_mta, pki, receiver_cert)
@@ -95,3 +95,21 @@ def test_retries_are_bounded(make_mta, pki, allow_warnings):
     wait_for(lambda: len(sender.mta.queue) == 0 and any(sender.mta.queue.failed.iterdir()),
              what="give-up")
     assert len(events.events) == 2
+
+
+def test_a_failure_that_is_not_tls_is_other_with_its_cause_kept(make_mta):
+    """Outbound reasons are milterd's closed set: a refused connection is ``other`` (not a TLS
+    failure), and the cause stays in the queue file."""
+    from milterd.lab.net import free_port
+
+    events = OutboundEvents([])
+    sender = make_mta("sender", routes={WG: ("127.0.0.1", free_port())}, send_domains=(WG,),
+                      on_outbound_result=events)
+    _submit(sender)
+    wait_for(lambda: events.events, what="an outbound attempt")
+    assert events.events[0] == (WG, False, "other")
+    assert sender.mta.delivery.stats.outbound_failures[(WG, "other")] >= 1
+    qid = next(iter(sender.mta.queue.ids()))
+    meta = wait_for(lambda: (lambda m: m if m.attempts >= 1 else None)(
+        sender.mta.queue.load(qid)[0]), what="the queue file update")
+    assert "%s: other (connect)" % WG in meta.last_error
