@@ -1,8 +1,8 @@
 """contrib/systemd/milterd.service is a valid unit (``systemd-analyze verify``).
 
 ``verify`` checks that ExecStart's binary exists and is executable, and the shipped unit points at
-``/usr/local/bin/milterd`` (where ``pip install .`` as root puts it), which a test machine need not
-have.  So the test verifies a copy whose ExecStart points at this virtualenv's ``milterd`` script
+``/opt/milterd/bin/milterd`` (the Debian package's venv, or a pip install into a venv there), which
+a test machine need not have.  So the test verifies a copy whose ExecStart points at this virtualenv's ``milterd`` script
 (everything else byte-for-byte the shipped unit), in a temporary directory.  ``systemd-analyze``
 comes with Debian's ``systemd`` package; when it is missing the test fails (it never skips).
 """
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 UNIT = Path(__file__).resolve().parents[1] / "contrib" / "systemd" / "milterd.service"
-SHIPPED_EXEC = "/usr/local/bin/milterd"
+SHIPPED_EXEC = "/opt/milterd/bin/milterd"
 
 
 def _unit_options(text: str) -> dict[str, dict[str, str]]:
@@ -54,9 +54,14 @@ def test_systemd_analyze_verify_accepts_the_unit(tmp_path):
 def test_unit_has_the_required_hardening_and_reload():
     svc = _unit_options(UNIT.read_text())["Service"]
     assert svc["User"] == "milterd"
-    assert svc["SupplementaryGroups"] == "postfix"
-    assert svc["RuntimeDirectory"] == "milterd"
+    # No Group=/SupplementaryGroups=: groups come from /etc/group (the package adds milterd to
+    # "postfix" when Postfix is installed); a SupplementaryGroups=postfix would make the unit
+    # fail on a Sendmail host, which has no such group.
+    assert "Group" not in svc and "SupplementaryGroups" not in svc
+    assert svc["RuntimeDirectory"] == "milterd"     # /run/milterd: Sendmail's socket
     assert svc["RuntimeDirectoryMode"] == "0750"
+    # Postfix's socket directory inside its spool (chrooted smtpd); "-": absent on Sendmail hosts
+    assert svc["ReadWritePaths"] == "-/var/spool/postfix/milterd"
     assert svc["UMask"] == "0007"
     assert svc["ExecStart"] == f"{SHIPPED_EXEC} run -c /etc/milterd/milterd.toml"
     assert svc["ExecReload"] == "/bin/kill -HUP $MAINPID"
@@ -66,3 +71,5 @@ def test_unit_has_the_required_hardening_and_reload():
         assert svc[key] == "yes", key
     assert svc["ProtectSystem"] == "strict"
     assert set(svc["RestrictAddressFamilies"].split()) == {"AF_UNIX", "AF_INET", "AF_INET6"}
+    # no StandardOutput=/StandardError= override: milterd's stderr goes to the journal
+    assert "StandardError" not in svc and "StandardOutput" not in svc

@@ -2,9 +2,11 @@
 
 Everything lives under one directory (config, queue, data, maildir, ``maillog_file``); nothing is
 chrooted, so absolute milter socket paths work; nothing touches the system's Postfix.  The
-milter-related settings come from ``contrib/postfix/main.cf.milterd`` — the very file users are
-told to copy — so the tests prove the shipped config.  Needs root (Postfix's master drops to the
-``postfix`` user itself) and Debian's postfix package (``scripts/setup.sh`` installs it).
+milter-related settings come from ``contrib/postfix/main.cf.milterd`` (and ``main.cf.policy``),
+the very files users add, complete for the Debian package's socket paths: the lab rewrites only
+those socket values to its private ones, so the tests prove the shipped config.  Needs root
+(Postfix's master drops to the ``postfix`` user itself) and Debian's postfix package
+(``scripts/setup.sh`` installs it).
 """
 
 from __future__ import annotations
@@ -55,16 +57,36 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 """
 
 
-def contrib_settings(path: Path, **values: str) -> list[str]:
-    """The ``name = value`` lines of a contrib fragment, with ``@NAME@`` placeholders filled."""
+#: The socket values the contrib fragments name: the Debian package's paths, relative to
+#: Postfix's queue directory.  The lab rewrites exactly these to its private sockets.
+PACKAGE_MILTER_SOCKET = "unix:milterd/milter.sock"
+PACKAGE_POLICY_SERVICE = "unix:milterd/policy.sock"
+
+
+def contrib_settings(path: Path, replace: dict[str, str] | None = None) -> list[str]:
+    """The ``name = value`` lines of a contrib fragment, with known values rewritten.
+
+    ``replace`` maps a value the fragment names (e.g. :data:`PACKAGE_MILTER_SOCKET`) to the one
+    to use instead; it must occur in the fragment as a whole value or list item, so a fragment
+    that changes its socket cannot leave the lab silently testing something else.  The fragments
+    hold no placeholders: they are complete for the package, and what a user adds is what runs.
+    """
+    import re
+
     lines = []
+    found = dict.fromkeys(replace or {}, 0)
     for raw in path.read_text().splitlines():
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        for k, v in values.items():
-            line = line.replace(f"@{k}@", v)
+        for old, new in (replace or {}).items():
+            pattern = rf"(?<![^\s,=]){re.escape(old)}(?![^\s,])"
+            line, n = re.subn(pattern, lambda _m, new=new: new, line)
+            found[old] += n
         lines.append(line)
+    missing = [old for old, n in found.items() if not n]
+    if missing:
+        raise ValueError(f"{path}: names none of {missing} (the lab replaces these values)")
     return lines
 
 
@@ -169,11 +191,13 @@ class PostfixLab:
         lines = [f"{k} = {v}" for k, v in s.items()]
         if self.milter_socket:
             if self.with_contrib:
-                lines += contrib_settings(CONTRIB_MAIN_CF, MILTER_SOCKET=self.milter_socket)
+                lines += contrib_settings(CONTRIB_MAIN_CF,
+                                          {PACKAGE_MILTER_SOCKET: self.milter_socket})
             else:
                 lines.append(f"smtpd_milters = {self.milter_socket}")
         if self.policy_service:
-            lines += contrib_settings(CONTRIB_POLICY_CF, POLICY_SERVICE=self.policy_service)
+            lines += contrib_settings(CONTRIB_POLICY_CF,
+                                      {PACKAGE_POLICY_SERVICE: self.policy_service})
         lines += [f"{k} = {v}" for k, v in self.extra.items()]
         return "\n".join(_last_wins(lines)) + "\n"
 
