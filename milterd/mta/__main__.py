@@ -22,7 +22,7 @@ import threading
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .config import MtaConfig, load_config
+from .config import MtaConfig, load_mta_config
 from .delivery import OutboundCallback
 from .server import Mta
 
@@ -108,7 +108,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # "mail.log"; our protocol log is the redacted record of the dialogue.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
     try:
-        cfg = load_config(args.config)
+        cfg = load_mta_config(args.config)
     except (OSError, ValueError) as exc:
         print("config error: %s" % exc, file=sys.stderr)
         return 2

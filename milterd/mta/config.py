@@ -126,7 +126,7 @@ def config_from_mapping(data: Mapping[str, Any], base: Path = Path(".")) -> MtaC
     return MtaConfig(**kw)
 
 
-def load_config(path: Path) -> MtaConfig:
+def load_mta_config(path: Path) -> MtaConfig:
     with open(path, "rb") as fh:
         data = tomllib.load(fh)
     return config_from_mapping(data, path.parent)

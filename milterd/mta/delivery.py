@@ -40,7 +40,7 @@ from milterd.policy import reasons
 from .config import MtaConfig
 from .protocol_log import ProtocolLog, SessionLog
 from .queue import MailQueue, QueuedMessage
-from .tls import CertFacts, TlsFacts, cert_covers_domain, client_context, facts_from_ssl
+from .tls import CertFacts, TlsHandshakeFacts, cert_covers_domain, client_context, facts_from_ssl
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +79,12 @@ def deliver_maildir(root: Path, recipient: str, content: bytes, queue_id: str) -
 
 
 @dataclass(frozen=True)
-class OutboundResult:
+class RelayResult:
     ok: bool
     reason: str              # failed: an outbound reason; ok: secured | tls | plaintext
     permanent: bool = False  # a 5xx from the receiver: retrying will not help
     accepted: tuple[str, ...] = ()
-    tls: Optional[TlsFacts] = None
+    tls: Optional[TlsHandshakeFacts] = None
     detail: str = ""         # the cause of an "other" failure: no_route | connect | smtp_error
 
     def describe(self) -> str:
@@ -126,7 +126,7 @@ class _LoggingSMTP(smtplib.SMTP):
 
 def send_message(cfg: MtaConfig, cas: Sequence[x509.Certificate], plog_root: ProtocolLog,
                  domain: str, mail_from: str, rcpts: Sequence[str], content: bytes,
-                 local_cert: Optional[CertFacts], *, timeout: float = 30.0) -> OutboundResult:
+                 local_cert: Optional[CertFacts], *, timeout: float = 30.0) -> RelayResult:
     """Deliver to one domain (blocking; run in a thread). Opportunistic TLS: a
     broken handshake is retried once in plaintext on a new connection."""
     try:
@@ -140,10 +140,10 @@ def send_message(cfg: MtaConfig, cas: Sequence[x509.Certificate], plog_root: Pro
 def _session(cfg: MtaConfig, cas: Sequence[x509.Certificate], plog_root: ProtocolLog,
              domain: str, mail_from: str, rcpts: Sequence[str], content: bytes,
              local_cert: Optional[CertFacts], *, timeout: float,
-             plaintext_only: bool) -> OutboundResult:
+             plaintext_only: bool) -> RelayResult:
     route = cfg.route(domain)
     if route is None:
-        return OutboundResult(False, reasons.OUTBOUND_OTHER, detail="no_route")
+        return RelayResult(False, reasons.OUTBOUND_OTHER, detail="no_route")
     host, port = route
     secure = cfg.on_send_list(domain)
     plog = plog_root.session("Send", "", "%s:%d" % (host, port))
@@ -153,8 +153,8 @@ def _session(cfg: MtaConfig, cas: Sequence[x509.Certificate], plog_root: Protoco
                             timeout=timeout)
     except (OSError, smtplib.SMTPException) as exc:
         plog.disconnect("connect failed: %s" % type(exc).__name__)
-        return OutboundResult(False, reasons.OUTBOUND_OTHER, detail="connect")
-    tls: Optional[TlsFacts] = None
+        return RelayResult(False, reasons.OUTBOUND_OTHER, detail="connect")
+    tls: Optional[TlsHandshakeFacts] = None
     try:
         smtp.ehlo()
         if not plaintext_only and smtp.has_extn("starttls"):
@@ -163,7 +163,7 @@ def _session(cfg: MtaConfig, cas: Sequence[x509.Certificate], plog_root: Protoco
             except (ssl.SSLError, OSError) as exc:
                 plog.info("TLS handshake failed (%s)" % type(exc).__name__)
                 if secure:
-                    return OutboundResult(False, reasons.OUTBOUND_HANDSHAKE_FAILED)
+                    return RelayResult(False, reasons.OUTBOUND_HANDSHAKE_FAILED)
                 raise _RetryInPlaintext
             assert isinstance(smtp.sock, ssl.SSLSocket)
             tls = facts_from_ssl(smtp.sock, cas, local_cert)
@@ -172,31 +172,31 @@ def _session(cfg: MtaConfig, cas: Sequence[x509.Certificate], plog_root: Protoco
                 if tls.peer_cert is None or not tls.verified:
                     plog.info("domain secure: untrusted certificate",
                               tls.verify_reason)
-                    return OutboundResult(False, reasons.OUTBOUND_UNTRUSTED_CERT, tls=tls)
+                    return RelayResult(False, reasons.OUTBOUND_UNTRUSTED_CERT, tls=tls)
                 if not cert_covers_domain(tls.peer_cert, domain):
                     plog.info("domain secure: certificate names %s do not cover %s"
                               % (";".join(tls.peer_cert.dns_names or (tls.peer_cert.subject_cn,)),
                                  domain))
-                    return OutboundResult(False, reasons.OUTBOUND_NAME_MISMATCH, tls=tls)
+                    return RelayResult(False, reasons.OUTBOUND_NAME_MISMATCH, tls=tls)
             smtp.ehlo()
         elif secure:
             plog.info("domain secure: STARTTLS not offered")
-            return OutboundResult(False, reasons.OUTBOUND_STARTTLS_NOT_OFFERED)
+            return RelayResult(False, reasons.OUTBOUND_STARTTLS_NOT_OFFERED)
         plog.info("%s;%d, sending message" % (domain, len(rcpts)))
         refused = smtp.sendmail(mail_from, list(rcpts), content)
         accepted = tuple(r for r in rcpts if r not in refused)
         reason = "secured" if secure else ("tls" if tls else "plaintext")
-        return OutboundResult(True, reason, accepted=accepted, tls=tls)
+        return RelayResult(True, reason, accepted=accepted, tls=tls)
     except smtplib.SMTPRecipientsRefused as exc:
         permanent = all(code >= 500 for code, _ in exc.recipients.values())
-        return OutboundResult(False, reasons.OUTBOUND_OTHER, permanent=permanent, tls=tls,
+        return RelayResult(False, reasons.OUTBOUND_OTHER, permanent=permanent, tls=tls,
                               detail="smtp_error")
     except smtplib.SMTPResponseException as exc:
-        return OutboundResult(False, reasons.OUTBOUND_OTHER, permanent=exc.smtp_code >= 500,
+        return RelayResult(False, reasons.OUTBOUND_OTHER, permanent=exc.smtp_code >= 500,
                               tls=tls, detail="smtp_error")
     except (smtplib.SMTPException, OSError) as exc:
         log.info("outbound %s: %s", domain, type(exc).__name__)
-        return OutboundResult(False, reasons.OUTBOUND_OTHER, tls=tls, detail="smtp_error")
+        return RelayResult(False, reasons.OUTBOUND_OTHER, tls=tls, detail="smtp_error")
     finally:
         try:
             smtp.quit()

@@ -570,7 +570,7 @@ class Progress:
 
 
 @dataclass(frozen=True)
-class AddHeader:
+class AppendHeader:
     """SMFIR_ADDHEADER: append a header at the end of the header block."""
 
     CODE: ClassVar[bytes] = b"h"
@@ -581,7 +581,7 @@ class AddHeader:
         return _cstr(self.name) + _cstr(self.value)
 
     @classmethod
-    def parse(cls, payload: bytes) -> "AddHeader":
+    def parse(cls, payload: bytes) -> "AppendHeader":
         return cls(*_need_strings(payload, 2, "ADDHEADER"))
 
 
@@ -710,14 +710,15 @@ class ChangeFrom:
 
 #: Final verdicts end the wait for a reply; everything else is a modification
 #: (only legal after EOM) or progress.
-Verdict = Union[Accept, Continue, Reject, TempFail, Discard, Skip, ReplyCode, ShutDown, ConnFail]
-Modification = Union[AddHeader, InsertHeader, ChangeHeader, Quarantine, ReplaceBody,
+VerdictResponse = Union[Accept, Continue, Reject, TempFail, Discard, Skip, ReplyCode, ShutDown,
+                        ConnFail]
+Modification = Union[AppendHeader, InsertHeader, ChangeHeader, Quarantine, ReplaceBody,
                      AddRcpt, AddRcptPar, DelRcpt, ChangeFrom]
-Response = Union[Verdict, Modification, Progress, OptNeg]
+Response = Union[VerdictResponse, Modification, Progress, OptNeg]
 
 VERDICT_TYPES: tuple[type, ...] = (Accept, Continue, Reject, TempFail, Discard, Skip,
                                    ReplyCode, ShutDown, ConnFail)
-MODIFICATION_TYPES: tuple[type, ...] = (AddHeader, InsertHeader, ChangeHeader, Quarantine,
+MODIFICATION_TYPES: tuple[type, ...] = (AppendHeader, InsertHeader, ChangeHeader, Quarantine,
                                         ReplaceBody, AddRcpt, AddRcptPar, DelRcpt, ChangeFrom)
 
 

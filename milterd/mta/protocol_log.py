@@ -25,7 +25,7 @@ import threading
 from pathlib import Path
 from typing import Optional, TextIO
 
-from .tls import CertFacts, TlsFacts
+from .tls import CertFacts, TlsHandshakeFacts
 
 FIELDS = ("date-time", "connector-id", "session-id", "sequence-number", "local-endpoint",
           "remote-endpoint", "event", "data", "context")
@@ -125,7 +125,7 @@ class SessionLog:
         self.info(cert.sha256, "Certificate SHA-256 fingerprint")
         self.info(";".join(cert.dns_names), "Certificate alternate names")
 
-    def tls(self, facts: TlsFacts) -> None:
+    def tls(self, facts: TlsHandshakeFacts) -> None:
         if facts.local_cert is not None:
             self.certificate("Sending certificate", facts.local_cert)
         if facts.peer_cert is not None:

@@ -8,7 +8,7 @@ exposes handler hooks for every stage (``handle_EHLO``, ``handle_MAIL``,
 SMTP parser would be more code to get wrong; the parts we add are what
 Postfix/Sendmail add around a milter.
 
-Shape (as in aiosmtpd itself): connection state (:class:`Connection` —
+Shape (as in aiosmtpd itself): connection state (:class:`SmtpConnection` —
 peer, TLS facts, macros, the milter session, the protocol log) is kept apart
 from message state (aiosmtpd's ``Envelope``). Every SMTP stage goes through
 the milter; a milter's reply becomes the SMTP reply verbatim; header
@@ -33,11 +33,11 @@ from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 from . import milter_codec as mc
 from .config import MtaConfig
 from .delivery import DeliveryAgent, OutboundCallback
-from .milter_client import (CONTINUE, HeaderField, MilterSession, StageResult,
+from .milter_client import (STAGE_CONTINUE, HeaderField, MilterClientSession, StageResult,
                             apply_header_modifications)
 from .protocol_log import ProtocolLog, SessionLog
 from .queue import MailQueue, new_queue_id
-from .tls import CertFacts, TlsFacts, facts_from_ssl, load_ca_certs, local_cert_facts, \
+from .tls import CertFacts, TlsHandshakeFacts, facts_from_ssl, load_ca_certs, local_cert_facts, \
     server_context
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class InboundStats:
 
 
 @dataclass
-class Connection:
+class SmtpConnection:
     """Per-connection state; survives STARTTLS (aiosmtpd's Session does not)."""
 
     plog: SessionLog
@@ -63,11 +63,11 @@ class Connection:
     client_port: int
     local_addr: str
     local_port: int
-    milter: Optional[MilterSession]
+    milter: Optional[MilterClientSession]
     macros: dict[str, str] = field(default_factory=dict)
     connect_task: Optional[asyncio.Task[StageResult]] = None
-    connect_result: StageResult = CONTINUE
-    tls: Optional[TlsFacts] = None
+    connect_result: StageResult = STAGE_CONTINUE
+    tls: Optional[TlsHandshakeFacts] = None
     helo: str = ""
     queue_id: str = ""
     message_open: bool = False  # milter has seen MAIL but not EOM
@@ -113,7 +113,7 @@ class MtaSMTP(SMTP):
     def __init__(self, handler: "Handler", **kw: Any) -> None:
         super().__init__(handler, **kw)
         self.mta_handler = handler
-        self.conn: Optional[Connection] = None
+        self.conn: Optional[SmtpConnection] = None
 
     # -- connection lifecycle -------------------------------------------------
 
@@ -256,17 +256,18 @@ class Handler:
         elif res.verdict in ("tempfail", "shutdown"):
             stats.tempfailed += 1
 
-    def open_connection(self, transport: asyncio.BaseTransport) -> Connection:
+    def open_connection(self, transport: asyncio.BaseTransport) -> SmtpConnection:
         peer = transport.get_extra_info("peername") or ("", 0)
         local = transport.get_extra_info("sockname") or ("", 0)
         plog = self.mta.plog.session("Receive", "%s:%s" % local[:2], "%s:%s" % peer[:2])
         plog.connect()
         milter = None
         if self.cfg.milter:
-            milter = MilterSession(self.cfg.milter, default_action=self.cfg.milter_default_action,  # type: ignore[arg-type]
-                                   command_timeout=self.cfg.milter_timeout,
-                                   log_prefix="%s: " % plog.session_id)
-        conn = Connection(plog, str(peer[0]), int(peer[1]), str(local[0]), int(local[1]), milter)
+            milter = MilterClientSession(
+                self.cfg.milter, default_action=self.cfg.milter_default_action,  # type: ignore[arg-type]
+                command_timeout=self.cfg.milter_timeout, log_prefix="%s: " % plog.session_id)
+        conn = SmtpConnection(plog, str(peer[0]), int(peer[1]), str(local[0]), int(local[1]),
+                              milter)
         conn.macros.update({
             "j": self.cfg.hostname, "{daemon_name}": "milterd-mta",
             "{daemon_addr}": conn.local_addr, "{daemon_port}": str(conn.local_port),
@@ -279,7 +280,8 @@ class Handler:
                 self._milter_connect(conn, milter))
         return conn
 
-    async def _milter_connect(self, conn: Connection, milter: MilterSession) -> StageResult:
+    async def _milter_connect(self, conn: SmtpConnection,
+                              milter: MilterClientSession) -> StageResult:
         if not await milter.open():
             return StageResult("continue", failed=True)  # enforced from MAIL on
         family = "6" if ":" in conn.client_addr else "4"
@@ -290,7 +292,7 @@ class Handler:
             conn.plog.info("milter refused connection", res.reply or "")
         return res
 
-    def close_connection(self, conn: Connection) -> None:
+    def close_connection(self, conn: SmtpConnection) -> None:
         conn.plog.disconnect()
         if conn.connect_task is not None:
             conn.connect_task.cancel()
@@ -324,24 +326,24 @@ class Handler:
         except asyncio.TimeoutError:
             log.warning("shutdown: %d session(s) did not close in time", len(self.live))
 
-    async def _close_milter(self, conn: Connection) -> None:
+    async def _close_milter(self, conn: SmtpConnection) -> None:
         assert conn.milter is not None
         if conn.message_open:
             await conn.milter.abort()
         await conn.milter.close()
 
-    async def end_message(self, conn: Connection) -> None:
+    async def end_message(self, conn: SmtpConnection) -> None:
         """The transaction ended before end-of-message: tell the milter."""
         if conn.milter is not None and conn.message_open:
             await conn.milter.abort()
         conn.message_open = False
 
     @staticmethod
-    def _conn(server: SMTP) -> Connection:
+    def _conn(server: SMTP) -> SmtpConnection:
         assert isinstance(server, MtaSMTP) and server.conn is not None
         return server.conn
 
-    async def _helo_stage(self, conn: Connection, hostname: str) -> Optional[str]:
+    async def _helo_stage(self, conn: SmtpConnection, hostname: str) -> Optional[str]:
         conn.helo = hostname
         if conn.milter is None:
             return None
@@ -442,7 +444,7 @@ class Handler:
         log.error("SMTP session error: %s", type(error).__name__, exc_info=error)
         return "451 4.3.0 Error: internal error, try again later"
 
-    def _received(self, conn: Connection, rcpts: list[str]) -> HeaderField:
+    def _received(self, conn: SmtpConnection, rcpts: list[str]) -> HeaderField:
         with_ = "ESMTPS" if conn.tls else "ESMTP"
         tls = ""
         if conn.tls:
@@ -465,7 +467,7 @@ class Handler:
         milter = conn.milter
         if milter is not None:
             going = ("continue", "accept")  # accept: the client stops sending by itself
-            res = CONTINUE
+            res = STAGE_CONTINUE
             for h in headers:
                 res = await milter.header(h.name, h.value.replace("\r\n", "\n"))
                 if res.verdict not in going:

@@ -283,7 +283,7 @@ class CertFacts:
 
 
 @dataclass(frozen=True)
-class TlsFacts:
+class TlsHandshakeFacts:
     """The TLS facts of one session (inbound or outbound)."""
 
     version: str
@@ -319,18 +319,18 @@ class TlsFacts:
 
 
 def facts_from_ssl(sslobj: ssl.SSLObject | ssl.SSLSocket, cas: Sequence[x509.Certificate],
-                   local_cert: Optional[CertFacts] = None) -> TlsFacts:
+                   local_cert: Optional[CertFacts] = None) -> TlsHandshakeFacts:
     """Collect facts after a completed handshake and verify the peer's chain."""
     cipher = sslobj.cipher() or ("", "", 0)
     version = sslobj.version() or ""
     der = sslobj.getpeercert(binary_form=True)
     if not der:
-        return TlsFacts(version, cipher[0], int(cipher[2] or 0), None, False, "no certificate",
-                        local_cert)
+        return TlsHandshakeFacts(version, cipher[0], int(cipher[2] or 0), None, False,
+                                 "no certificate", local_cert)
     cert = x509.load_der_x509_certificate(der)
     ok, reason = verify_chain(cert, cas)
-    return TlsFacts(version, cipher[0], int(cipher[2] or 0), CertFacts.from_cert(cert, der),
-                    ok, reason, local_cert, cert)
+    return TlsHandshakeFacts(version, cipher[0], int(cipher[2] or 0),
+                             CertFacts.from_cert(cert, der), ok, reason, local_cert, cert)
 
 
 def local_cert_facts(cert_file: Path) -> CertFacts:

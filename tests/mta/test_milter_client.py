@@ -1,4 +1,4 @@
-"""MilterSession against a scripted byte-level milter: negotiation flags,
+"""MilterClientSession against a scripted byte-level milter: negotiation flags,
 no-reply flags, progress, timeouts, modifications, failure -> default action."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Callable, Optional
 import pytest
 
 from milterd.mta import milter_codec as mc
-from milterd.mta.milter_client import MilterSession
+from milterd.mta.milter_client import MilterClientSession
 from mta_fixtures import (  # noqa: F401 - pytest fixtures, used by name
     allow_warnings, no_unexpected_warnings, short_dir)
 
@@ -49,7 +49,7 @@ async def _with_fake(tmp: Path, fake: FakeMilter, body, **kw):  # type: ignore[n
     sock = tmp / "f.sock"
     server = await asyncio.start_unix_server(fake.handle, str(sock))
     try:
-        session = MilterSession("unix:%s" % sock, **kw)
+        session = MilterClientSession("unix:%s" % sock, **kw)
         return await body(session)
     finally:
         server.close()
@@ -80,7 +80,7 @@ def test_skipped_steps_and_no_reply_flags(tmp):
 
     fake = FakeMilter(mc.OptNeg(6, mc.SMFIF_ADDHDRS, proto), script)
 
-    async def body(s: MilterSession):  # type: ignore[no-untyped-def]
+    async def body(s: MilterClientSession):  # type: ignore[no-untyped-def]
         assert await s.open()
         results = [await s.connect("h", "4", 1, "127.0.0.1", {}),
                    await s.helo("x", {}),
@@ -104,31 +104,31 @@ def test_skipped_steps_and_no_reply_flags(tmp):
 def test_progress_then_modifications_then_replycode(tmp):
     def script(cmd):  # type: ignore[no-untyped-def]
         if isinstance(cmd, mc.EndOfMessage):
-            return [mc.Progress(), mc.AddHeader("X-A", "1"), mc.Progress(),
+            return [mc.Progress(), mc.AppendHeader("X-A", "1"), mc.Progress(),
                     mc.Quarantine("why"), mc.ReplyCode("554 5.7.1 Domain security failure")]
         return _cont(cmd)
 
     fake = FakeMilter(mc.OptNeg(6, mc.SMFIF_ALL, 0), script)
 
-    async def body(s: MilterSession):  # type: ignore[no-untyped-def]
+    async def body(s: MilterClientSession):  # type: ignore[no-untyped-def]
         assert await s.open()
         await s.mail("a@b", (), {})
         return await s.eom({})
 
     res = asyncio.run(_with_fake(tmp, fake, body, command_timeout=2))
     assert res.verdict == "reject" and res.reply == "554 5.7.1 Domain security failure"
-    assert res.modifications == (mc.AddHeader("X-A", "1"), mc.Quarantine("why"))
+    assert res.modifications == (mc.AppendHeader("X-A", "1"), mc.Quarantine("why"))
 
 
 def test_modification_outside_eom_is_a_protocol_error(tmp, allow_warnings):
     def script(cmd):  # type: ignore[no-untyped-def]
         if isinstance(cmd, mc.MailFrom):
-            return [mc.AddHeader("X", "y"), mc.Continue()]
+            return [mc.AppendHeader("X", "y"), mc.Continue()]
         return _cont(cmd)
 
     fake = FakeMilter(mc.OptNeg(6, mc.SMFIF_ALL, 0), script)
 
-    async def body(s: MilterSession):  # type: ignore[no-untyped-def]
+    async def body(s: MilterClientSession):  # type: ignore[no-untyped-def]
         assert await s.open()
         first = await s.mail("a@b", (), {})
         second = await s.rcpt("c@d", (), {})
@@ -148,7 +148,7 @@ def test_timeout_applies_default_action(tmp, default, verdict, allow_warnings):
 
     fake = FakeMilter(mc.OptNeg(6, mc.SMFIF_ALL, 0), script)
 
-    async def body(s: MilterSession):  # type: ignore[no-untyped-def]
+    async def body(s: MilterClientSession):  # type: ignore[no-untyped-def]
         assert await s.open()
         return await s.mail("a@b", (), {})
 
@@ -166,7 +166,7 @@ def test_accept_ends_the_message_and_macro_lists_are_honoured(tmp):
     fake = FakeMilter(mc.OptNeg(6, mc.SMFIF_ALL, 0, lists), script)
     macros = {"i": "Q1", "{verify}": "OK", "{cert_fp}": "AA:BB", "{client_addr}": "127.0.0.1"}
 
-    async def body(s: MilterSession):  # type: ignore[no-untyped-def]
+    async def body(s: MilterClientSession):  # type: ignore[no-untyped-def]
         assert await s.open()
         a = await s.mail("a@b", (), macros)
         b = await s.rcpt("c@d", (), macros)
@@ -182,7 +182,7 @@ def test_accept_ends_the_message_and_macro_lists_are_honoured(tmp):
 
 def test_unreachable_milter_fails_once_and_keeps_failing(allow_warnings):
     async def body() -> tuple[bool, str]:
-        s = MilterSession("inet:1@127.0.0.1", connect_timeout=2)
+        s = MilterClientSession("inet:1@127.0.0.1", connect_timeout=2)
         ok = await s.open()
         res = await s.mail("a@b", (), {})
         return ok, res.reply or ""
@@ -194,7 +194,7 @@ def test_unreachable_milter_fails_once_and_keeps_failing(allow_warnings):
 def test_header_leading_space_negotiated(tmp):
     fake = FakeMilter(mc.OptNeg(6, mc.SMFIF_ALL, mc.SMFIP_HDR_LEADSPC), _cont)
 
-    async def body(s: MilterSession):  # type: ignore[no-untyped-def]
+    async def body(s: MilterClientSession):  # type: ignore[no-untyped-def]
         assert await s.open()
         await s.mail("a@b", (), {})
         await s.header("Subject", "  two spaces")
@@ -207,7 +207,7 @@ def test_header_leading_space_negotiated(tmp):
 def test_milter_may_only_switch_off_offered_steps(tmp):
     fake = FakeMilter(mc.OptNeg(6, 0xFFFF, 0xFFFFFFFF), _cont)
 
-    async def body(s: MilterSession):  # type: ignore[no-untyped-def]
+    async def body(s: MilterClientSession):  # type: ignore[no-untyped-def]
         assert await s.open()
         return s.negotiated
 

@@ -53,7 +53,7 @@ RESPONSES = [
     (mc.ShutDown(), pkt(b"4")),
     (mc.ConnFail(), pkt(b"f")),
     (mc.ReplyCode("550 5.7.1 go away"), pkt(b"y", b"550 5.7.1 go away\x00")),
-    (mc.AddHeader("X-A", "1"), pkt(b"h", b"X-A\x001\x00")),
+    (mc.AppendHeader("X-A", "1"), pkt(b"h", b"X-A\x001\x00")),
     (mc.InsertHeader(0, "X-B", "2"), pkt(b"i", b"\x00\x00\x00\x00X-B\x002\x00")),
     (mc.ChangeHeader(2, "Subject", ""), pkt(b"m", b"\x00\x00\x00\x02Subject\x00\x00")),
     (mc.Quarantine("spam"), pkt(b"q", b"spam\x00")),
@@ -95,9 +95,9 @@ def test_partial_reads_one_byte_at_a_time():
 
 
 def test_several_packets_in_one_read_and_a_split_tail():
-    a, b = mc.encode(mc.AddHeader("X", "y")), mc.encode(mc.Accept())
+    a, b = mc.encode(mc.AppendHeader("X", "y")), mc.encode(mc.Accept())
     dec = mc.PacketDecoder()
-    assert [mc.parse_response(p) for p in dec.feed(a + b[:3])] == [mc.AddHeader("X", "y")]
+    assert [mc.parse_response(p) for p in dec.feed(a + b[:3])] == [mc.AppendHeader("X", "y")]
     assert dec.pending == 3
     assert [mc.parse_response(p) for p in dec.feed(b[3:])] == [mc.Accept()]
 
@@ -171,7 +171,7 @@ def _hdrs() -> list[HeaderField]:
 
 def test_add_insert_change_delete():
     out = apply_header_modifications(_hdrs(), (
-        mc.AddHeader("X-End", "e"),
+        mc.AppendHeader("X-End", "e"),
         mc.InsertHeader(0, "X-Top", "t"),
         mc.ChangeHeader(2, "x-dup", "second"),
         mc.ChangeHeader(1, "Subject", ""),
@@ -192,9 +192,9 @@ def test_change_of_missing_header_adds_it_and_hidden_headers_are_untouchable():
 
 
 def test_leading_space_mode_keeps_values_verbatim():
-    out = apply_header_modifications([], (mc.AddHeader("X", "\tv"),), leading_space=True)
+    out = apply_header_modifications([], (mc.AppendHeader("X", "\tv"),), leading_space=True)
     assert out[0].render() == b"X:\tv\r\n"
-    out = apply_header_modifications([], (mc.AddHeader("X", "v\n\tw"),), leading_space=False)
+    out = apply_header_modifications([], (mc.AppendHeader("X", "v\n\tw"),), leading_space=False)
     assert out[0].render() == b"X: v\r\n\tw\r\n"
 
 

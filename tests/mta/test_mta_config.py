@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from milterd.mta.config import config_from_mapping, load_config
+from milterd.mta.config import config_from_mapping, load_mta_config
 
 
 def test_toml_round_trip(tmp_path: Path):
@@ -23,7 +23,7 @@ ca_files = ["ca.crt"]
 [routes]
 "woodgrovebank.test" = "127.0.0.1:2525"
 ''')
-    cfg = load_config(f)
+    cfg = load_mta_config(f)
     assert cfg.maildir_root == tmp_path / "maildir" and cfg.queue_dir == Path("/var/tmp/q")
     assert cfg.ca_files == (tmp_path / "ca.crt",)
     assert cfg.route("WoodgroveBank.test") == ("127.0.0.1", 2525)
