@@ -8,7 +8,9 @@ from datetime import datetime, timezone
 
 import pytest
 
-from milterd.outbound.maillog import MaillogFollower, MaillogParser, OutboundResult, session_record
+from milterd.outbound.maillog_follower import MaillogFollower
+from milterd.outbound.maillog_parser import MaillogParser, OutboundResult
+from milterd.outbound.tlsrpt import session_record
 from milterd.outbound.tlspolicy import PolicyAnswer
 
 UTC = timezone.utc

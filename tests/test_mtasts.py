@@ -7,9 +7,9 @@ import asyncio
 import pytest
 
 from dns_server import DnsServer
+from milterd.outbound.dns import DnsClient
 from milterd.outbound.mtasts import (MtaStsClient, StsError, StsPolicy, parse_sts_policy,
-                            parse_sts_txt)
-from milterd.outbound.tlspolicy import DnsClient
+                                     parse_sts_txt)
 from mtasts_server import PolicyServer, TestCA
 
 ENFORCE = (b"version: STSv1\r\nmode: enforce\r\nmx: mx1.sts.test\r\nmx: *.backup.sts.test\r\n"

@@ -10,7 +10,8 @@ import pytest
 from dns_server import DnsServer
 from milterd.outbound.mtasts import MtaStsClient
 from milterd.outbound.socketmap import SocketmapServer, encode_netstring
-from milterd.outbound.tlspolicy import DnsClient, PolicyAnswer, PolicyResolver
+from milterd.outbound.dns import DnsClient
+from milterd.outbound.tlspolicy import PolicyAnswer, PolicyResolver
 from mtasts_server import PolicyServer, TestCA
 
 TLSA = "3 1 1 " + "ab" * 32

@@ -8,7 +8,8 @@ import pytest
 
 from dns_server import DnsServer
 from milterd.outbound.mtasts import MtaStsClient, StsLookup, StsPolicy
-from milterd.outbound.tlspolicy import DnsClient, NextHop, PolicyResolver, parse_nexthop
+from milterd.outbound.dns import DnsClient
+from milterd.outbound.tlspolicy import NextHop, PolicyResolver, parse_nexthop
 from mtasts_server import PolicyServer, TestCA
 
 TLSA = "3 1 1 " + "ab" * 32

@@ -11,9 +11,10 @@ import re
 
 import pytest
 
-from milterd.outbound.maillog import MaillogParser, session_record
+from milterd.outbound.maillog_parser import MaillogParser
 from milterd.outbound.tlspolicy import PolicyAnswer
-from milterd.outbound.tlsrpt import POLICY_TYPES, RESULT_TYPES, build_report, load_sessions, register
+from milterd.outbound.tlsrpt import (POLICY_TYPES, RESULT_TYPES, build_report, load_sessions,
+                                     register, session_record)
 
 _RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)\Z")
 

@@ -123,7 +123,7 @@ class StsLookup:
 
 
 class TxtResolver(Protocol):
-    """What the client needs from DNS (``milterd.outbound.tlspolicy.DnsClient`` provides it)."""
+    """What the client needs from DNS (:class:`milterd.outbound.dns.DnsClient` provides it)."""
 
     async def txt(self, name: str) -> list[str] | None:
         """TXT strings at ``name`` (each record's strings joined), ``[]`` for NODATA, ``None``

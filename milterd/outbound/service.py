@@ -17,11 +17,13 @@ from typing import Any
 
 from milterd.core.app import App
 from milterd.core.config import Config
-from milterd.outbound.maillog import MaillogFollower, OutboundResult
+from milterd.outbound.dns import DnsClient
+from milterd.outbound.maillog_follower import MaillogFollower
+from milterd.outbound.maillog_parser import OutboundResult
 from milterd.outbound.mtasts import MtaStsClient
-from milterd.policy.names import domain_listed
 from milterd.outbound.socketmap import SocketmapServer
-from milterd.outbound.tlspolicy import DnsClient, PolicyResolver
+from milterd.outbound.tlspolicy import PolicyResolver
+from milterd.policy.names import domain_listed
 
 log = logging.getLogger("milterd.outbound")
 

@@ -55,23 +55,14 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Literal, Sequence
 
-import dns.asyncresolver
-import dns.exception
-import dns.flags
-import dns.message
-import dns.rdatatype
-import dns.resolver
-
 from milterd.core.cache import TtlLruCache
+from milterd.outbound.dns import DnsClient, DnsTempError
 from milterd.outbound.mtasts import MtaStsClient, StsLookup
 from milterd.policy.names import domain_listed, normalize_dns_name
 
 __all__ = [
     "PolicyAnswer",
     "PolicyResolver",
-    "DnsClient",
-    "DnsResult",
-    "DnsTempError",
     "NextHop",
     "parse_nexthop",
     "TLS_PROTOCOLS",
@@ -170,92 +161,6 @@ def parse_nexthop(key: str) -> NextHop | None:
 
 
 # --------------------------------------------------------------------------------------------
-# DNS
-# --------------------------------------------------------------------------------------------
-class DnsTempError(Exception):
-    """A temporary DNS failure (timeout, SERVFAIL, no server answered)."""
-
-
-@dataclass(frozen=True)
-class DnsResult:
-    """An answer: ``records`` in text form, ``authenticated`` = AD bit of the response."""
-
-    name: str
-    rdtype: str
-    records: tuple[str, ...]
-    authenticated: bool
-    nxdomain: bool = False
-    ttl: int = 0
-
-
-class DnsClient:
-    """dnspython stub resolver that asks for DNSSEC status (DO + AD) and reports the AD bit.
-
-    :param nameservers: IP addresses of (validating) recursive resolvers; None = /etc/resolv.conf.
-    :param port: their port (tests use an ephemeral loopback port).
-    :param timeout: per-server attempt timeout, seconds.
-    :param lifetime: total time for one query, seconds.
-
-    Trust in the AD bit requires a trustworthy path to a validating resolver (normally a
-    resolver on loopback), exactly as for Postfix's own ``smtp_dns_support_level = dnssec``.
-    """
-
-    def __init__(self, nameservers: Sequence[str] | None = None, port: int = 53,
-                 timeout: float = 3.0, lifetime: float = 6.0) -> None:
-        res = dns.asyncresolver.Resolver(configure=nameservers is None)
-        if nameservers is not None:
-            res.nameservers = list(nameservers)
-        res.port = port
-        res.timeout = timeout
-        res.lifetime = lifetime
-        res.use_edns(0, dns.flags.DO, 1232)
-        res.flags = dns.flags.RD | dns.flags.AD
-        res.cache = None
-        res.retry_servfail = False
-        self._res = res
-
-    async def query(self, name: str, rdtype: str) -> DnsResult:
-        try:
-            ans = await self._res.resolve(name, rdtype, raise_on_no_answer=False, search=False)
-        except dns.resolver.NXDOMAIN:
-            return DnsResult(name, rdtype, (), False, nxdomain=True)
-        except (dns.exception.Timeout, dns.resolver.NoNameservers, dns.resolver.YXDOMAIN,
-                dns.resolver.NoRootSOA, dns.exception.DNSException, OSError) as exc:
-            raise DnsTempError(f"{rdtype} {name}: {type(exc).__name__}") from None
-        response = ans.response
-        ad = bool(response.flags & dns.flags.AD)
-        rrset = ans.rrset
-        records = tuple(r.to_text() for r in rrset) if rrset is not None else ()
-        ttl = rrset.ttl if rrset is not None else _negative_ttl(response)
-        return DnsResult(name, rdtype, records, ad, False, ttl)
-
-    async def txt(self, name: str) -> list[str] | None:
-        """TXT strings per record (the record's strings joined), ``None`` for NXDOMAIN."""
-        res = await self.query(name, "TXT")
-        if res.nxdomain:
-            return None
-        out = []
-        for text in res.records:
-            parts = re.findall(r'"((?:[^"\\]|\\.)*)"', text)
-            out.append("".join(_unescape_txt(p) for p in parts) if parts else text)
-        return out
-
-
-def _negative_ttl(response: dns.message.Message) -> int:
-    for rrset in response.authority:
-        if rrset.rdtype == dns.rdatatype.SOA:
-            return min(rrset.ttl, rrset[0].minimum)
-    return 0
-
-
-def _unescape_txt(s: str) -> str:
-    def sub(m: re.Match) -> str:
-        e = m.group(1)
-        return chr(int(e)) if e.isdigit() else e
-    return re.sub(r"\\([0-9]{3}|.)", sub, s)
-
-
-# --------------------------------------------------------------------------------------------
 # Resolver
 # --------------------------------------------------------------------------------------------
 @dataclass
@@ -272,7 +177,7 @@ class PolicyResolver:
     :param send_domains: ``[domain_security] send_domains`` (exact or ``.parent`` entries).
     :param min_protocol: ``[tls] min_version`` (``"TLSv1.2"``…) or None; added to send-list
         answers as ``protocols=>=…``.
-    :param dns: a :class:`DnsClient`; :param mtasts: an :class:`~milterd.outbound.mtasts.MtaStsClient`
+    :param dns: a :class:`milterd.outbound.dns.DnsClient`; :param mtasts: an :class:`~milterd.outbound.mtasts.MtaStsClient`
         (None disables MTA-STS).
     :param send_match: ``match=`` templates for send-list answers; ``{domain}`` is the key's host.
     :param sts_testing_answer: ``"notfound"`` or ``"may"`` for MTA-STS testing mode.

@@ -1,6 +1,7 @@
-"""SMTP TLS Reporting (RFC 8460) aggregate reports from the maillog follower's session records.
+"""SMTP TLS Reporting (RFC 8460): the session records and the aggregate reports built from them.
 
-Input: JSON lines written by :class:`milterd.outbound.maillog.MaillogFollower` (``sessions_file``), each
+Records: :func:`session_record` turns one parsed delivery result into one JSON line (the
+:class:`milterd.outbound.maillog_follower.MaillogFollower` appends them to its ``sessions_file``),
 ``{"ts", "policy_domain", "policy_type", "policy_string", "mx_host", "receiving_mx_hostname",
 "receiving_ip", "result": "success"|"failure", "result_type", "failure_reason_code", …}``.
 
@@ -27,9 +28,15 @@ import os
 import sys
 import uuid
 from collections import OrderedDict
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
-__all__ = ["build_report", "load_sessions", "register", "RESULT_TYPES", "POLICY_TYPES"]
+from milterd.policy import reasons
+
+if TYPE_CHECKING:
+    from milterd.outbound.maillog_parser import OutboundResult
+
+__all__ = ["build_report", "load_sessions", "register", "session_record", "tlsrpt_result_type",
+           "RESULT_TYPES", "POLICY_TYPES"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +52,54 @@ RESULT_TYPES = (
 )
 
 
+# -- session records ----------------------------------------------------------------------------
+def tlsrpt_result_type(result: OutboundResult, policy_type: str) -> str | None:
+    """RFC 8460 §4.3 result type for a failed session, None for a successful one."""
+    if result.status == "sent":
+        return None if result.tls_level != "none" else "starttls-not-supported"
+    if result.reason == reasons.OUTBOUND_STARTTLS_NOT_OFFERED:
+        return "starttls-not-supported"
+    if result.reason in (reasons.OUTBOUND_UNTRUSTED_CERT, reasons.OUTBOUND_NAME_MISMATCH):
+        if policy_type == "tlsa":
+            return "tlsa-invalid"
+        if result.reason == reasons.OUTBOUND_NAME_MISMATCH:
+            return "certificate-host-mismatch"
+        if "expired" in result.detail.lower():
+            return "certificate-expired"
+        return "certificate-not-trusted"
+    if result.reason == reasons.OUTBOUND_HANDSHAKE_FAILED:
+        return "validation-failure"
+    return None  # a non-TLS failure after TLS was established: the TLS session succeeded
+
+
+def session_record(result: OutboundResult, policy: Any | None) -> dict | None:
+    """The JSON-line record for TLS-RPT, or None when the line is not a TLS session."""
+    if result.service != "smtp" or result.relay == "none" or not result.recipient_domain:
+        return None
+    if (result.status != "sent" and result.reason == reasons.OUTBOUND_OTHER
+            and result.tls_level == "none"):
+        return None  # no TLS session was attempted (connection error, plain-text refusal)
+    pol = policy.to_json() if policy is not None and hasattr(policy, "to_json") else {}
+    policy_type = pol.get("policy_type", "no-policy-found")
+    rtype = tlsrpt_result_type(result, policy_type)
+    return {
+        "ts": result.timestamp.astimezone(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "queue_id": result.queue_id,
+        "policy_domain": result.recipient_domain,
+        "policy_type": policy_type,
+        "policy_string": pol.get("policy_string", []),
+        "mx_host": pol.get("mx_host", []),
+        "receiving_mx_hostname": result.relay_host,
+        "receiving_ip": result.relay_ip,
+        "status": result.status,
+        "tls_level": result.tls_level,
+        "result": "failure" if rtype else "success",
+        "result_type": rtype,
+        "failure_reason_code": result.detail[:200] if rtype else None,
+    }
+
+
+# -- reports ------------------------------------------------------------------------------------
 def _day(date: str | _dt.date) -> _dt.date:
     if isinstance(date, _dt.date):
         return date

@@ -3,7 +3,7 @@
 * **Inbound** (a message from a receive-list domain failed Domain Security): shared by SMTP
   replies, logs, the trace header and ``milterd_domain_security_failures_total{domain,reason}``.
 * **Outbound** (a TLS session to a send-list domain failed): shared by the maillog parser
-  (:mod:`milterd.outbound.maillog`), TLS-RPT session records, the reference MTA's delivery
+  (:mod:`milterd.outbound.maillog_parser`), TLS-RPT session records, the reference MTA's delivery
   (:mod:`milterd.mta.delivery`) and ``milterd_domain_secured_outbound_session_failures_total
   {domain,reason}``.
 
