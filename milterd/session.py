@@ -86,7 +86,10 @@ class TlsFacts:
         return True if self.fingerprint_sha256 else None
 
 
-NO_TLS = TlsFacts()
+#: The facts of an unencrypted session (and of one whose TLS macros are absent or unusable):
+#: nothing known, nothing verified.  Not to be confused with the failure *reason*
+#: :data:`milterd.policy.reasons.NO_TLS`, a string.
+PLAINTEXT = TlsFacts()
 
 
 @dataclass
@@ -98,7 +101,7 @@ class Connection:
     client_port: int | None = None
     client_name: str | None = None
     helo: str | None = None
-    tls: TlsFacts = NO_TLS
+    tls: TlsFacts = PLAINTEXT
     mta: str = "unknown"                # "postfix" | "sendmail" | "unknown"
     stash: Stash = field(default_factory=Stash)
 

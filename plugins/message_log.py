@@ -1,7 +1,7 @@
 """Built-in plugin: one structured log line per message (the milter's verbose protocol log).
 
 With ``--log-format json`` the fields are JSON keys; in text mode they are ``key=value`` pairs
-(rendered by :class:`milterd.core.daemon.TextFormatter`, which repr-quotes peer-supplied strings so
+(rendered by :class:`milterd.core.logs.TextFormatter`, which repr-quotes peer-supplied strings so
 they cannot forge log lines).
 """
 

@@ -14,8 +14,8 @@ from milterd.verdict import AddHeader, DeleteHeader
 
 
 @hookimpl
-def milterd_header_edits(app, connection, message):
-    name = app.config.stamp.header
+def milterd_header_edits(config, connection, message):
+    name = config.stamp.header  # the session's: the adapter records copies of this very name
     lname = name.lower()
     copies = sum(1 for n, _ in message.headers if n.lower() == lname)
     edits: list = [DeleteHeader(name, i) for i in range(1, copies + 1)]

@@ -94,7 +94,6 @@ def test_postfix_pinned_partner_is_decided_once_the_fingerprint_can_be_known():
 def test_every_rcpt_of_a_pinned_partner_gets_the_same_answer():
     # Postfix: an impostor's self-signed certificate for a pinned domain is refused at the first
     # RCPT and at every later one — never accepted until end of data.
-    from milterd.core.app import App
     from milterd.session import Connection, Message
     from milterd_plugins import domain_security as plugin
 
@@ -104,11 +103,11 @@ receive_domains = ["pinned.test"]
 [peer_cert.pins]
 "pinned.test" = ["{PIN}"]
 """)
-    app = App(config)
     tls = TlsFacts(version="TLSv1.3", bits=256, verify=CertVerify.FAIL,
                    fingerprint_sha256=OTHER_FP, dialect="postfix")
     conn = Connection(id="c1", tls=tls)
     msg = Message(sender="<a@pinned.test>")
-    verdicts = [plugin.milterd_rcpt_to(app, conn, msg, f"<r{i}@contoso.test>") for i in range(3)]
+    verdicts = [plugin.milterd_rcpt_to(config=config, connection=conn, message=msg,
+                                       recipient=f"<r{i}@contoso.test>") for i in range(3)]
     assert all(v is not None and v.code == "550" for v in verdicts), verdicts
     assert msg.stash[ds.RESULT_KEY].reason == reasons.PIN_MISMATCH

@@ -2,12 +2,15 @@
 
 :class:`App` lives as long as the process (metrics, the policy-delegation store).  A
 :class:`Dispatcher` is built per configuration: a reload builds a new one and swaps it in; each
-SMTP connection keeps the dispatcher it started with, so a reload never changes policy in the
-middle of a session.
+SMTP connection keeps the dispatcher it started with, and every hook gets that dispatcher's
+configuration as ``config`` — so a reload never changes policy in the middle of a session.
+(``app.config`` is the *live* configuration, for process-wide services; plugins never read it.)
 
-:meth:`Dispatcher.verdict` is the error boundary of the style guide: a plugin that raises or
-overruns ``plugin_timeout`` becomes the configured ``on_error`` verdict, a log line with the queue
-ID and a counter — never a crash and never exception text in an SMTP reply.
+:meth:`Dispatcher.verdict` is the error boundary of the style guide: a plugin that raises,
+overruns ``plugin_timeout`` or returns what its hook does not allow becomes the configured
+``on_error`` verdict, a log line (with the queue ID; the connection id comes with every line of
+a session, see :mod:`milterd.core.logs`) and a count in ``milterd_plugin_errors_total`` — never a
+crash and never exception text in an SMTP reply.
 """
 
 from __future__ import annotations
@@ -23,15 +26,20 @@ from milterd.core.config import Config
 from milterd.core.metrics import Metrics
 from milterd.inbound.policy_views import PolicyViews
 from milterd.session import Connection, Message, Stash
-from milterd.verdict import CONTINUE, Action, HeaderEdit, Verdict, compose
+from milterd.verdict import (CONTINUE, Action, AddHeader, DeleteHeader, HeaderEdit, Verdict,
+                             compose)
 
-log = logging.getLogger("milterd")
+log = logging.getLogger(__name__)
 
 PLUGIN_ERROR = "plugin_error"
 
 
 class App:
-    """Process-wide state handed to every hook as ``app``."""
+    """Process-wide state handed to every hook as ``app``.
+
+    ``config`` is the live configuration: a reload replaces it.  It is for process-wide
+    services (the outbound counters); hooks get their session's snapshot as ``config``.
+    """
 
     def __init__(self, config: Config, *, metrics: Metrics | None = None):
         self.metrics = metrics or Metrics()
@@ -104,8 +112,13 @@ class Dispatcher:
             kwargs = {"app": self.app, "config": self.config}
             impl.function(*[kwargs[a] for a in impl.argnames])
 
-    def _call(self, hook: str, kwargs: dict[str, Any], queue_id: str | None) -> list[tuple[_Impl, Any]]:
+    def _call(self, hook: str, kwargs: dict[str, Any], queue_id: str | None,
+              allowed: Callable[[Any], str | None]) -> tuple[list[tuple[_Impl, Any]], bool]:
+        """Each implementation's non-None result, in call order, with the error verdict in the
+        place of a failed one; and whether any failed.  ``allowed(result)`` names what is wrong
+        with a result (None: nothing)."""
         results = []
+        failed = False
         for impl in self._impls.get(hook, ()):
             start = time.monotonic()
             try:
@@ -113,8 +126,8 @@ class Dispatcher:
             except Exception:
                 log.exception("plugin %s failed in %s (queue_id=%s); on_error=%s", impl.plugin,
                               hook, queue_id or "-", self.config.milter.on_error)
-                self.app.metrics.plugin_errors.labels(plugin=impl.plugin, hook=hook).inc()
-                results.append((impl, self.error_verdict))
+                self._count_error(impl, hook, results)
+                failed = True
                 continue
             elapsed = time.monotonic() - start
             if elapsed > self.timeout:
@@ -123,29 +136,41 @@ class Dispatcher:
                 log.error("plugin %s overran plugin_timeout in %s: %.3fs (queue_id=%s); "
                           "on_error=%s", impl.plugin, hook, elapsed, queue_id or "-",
                           self.config.milter.on_error)
-                self.app.metrics.plugin_errors.labels(plugin=impl.plugin, hook=hook).inc()
-                results.append((impl, self.error_verdict))
+                self._count_error(impl, hook, results)
+                failed = True
                 continue
-            if result is not None:
-                results.append((impl, result))
-        return results
+            if result is None:
+                continue
+            problem = allowed(result)
+            if problem is not None:
+                log.error("plugin %s returned %r from %s, %s (queue_id=%s); on_error=%s",
+                          impl.plugin, type(result).__name__, hook, problem, queue_id or "-",
+                          self.config.milter.on_error)
+                self._count_error(impl, hook, results)
+                failed = True
+                continue
+            results.append((impl, result))
+        return results, failed
 
-    def notify(self, hook: str, **kwargs: Any) -> None:
-        """Observation hooks: results are ignored, errors logged and counted."""
+    def _count_error(self, impl: _Impl, hook: str, results: list[tuple[_Impl, Any]]) -> None:
+        self.app.metrics.plugin_errors.labels(plugin=impl.plugin, hook=hook).inc()
+        results.append((impl, self.error_verdict))
+
+    def notify(self, hook: str, **kwargs: Any) -> Verdict | None:
+        """Observation hooks (they must return None): None when every implementation ran
+        cleanly, else the error verdict, for the caller to apply where the MTA still listens."""
         message = kwargs.get("message")
-        self._call(hook, {"app": self.app, **kwargs},
-                   message.queue_id if message is not None else None)
+        _, failed = self._call(hook, {"app": self.app, "config": self.config, **kwargs},
+                               message.queue_id if message is not None else None,
+                               _observation_result)
+        return self.error_verdict if failed else None
 
     def verdict(self, hook: str, connection: Connection, message: Message,
                 **extra: Any) -> Verdict:
-        kwargs = {"app": self.app, "connection": connection, "message": message, **extra}
+        kwargs = {"app": self.app, "config": self.config, "connection": connection,
+                  "message": message, **extra}
         verdicts = []
-        for impl, result in self._call(hook, kwargs, message.queue_id):
-            if not isinstance(result, Verdict):
-                log.error("plugin %s returned %r from %s, not a Verdict (queue_id=%s)",
-                          impl.plugin, type(result).__name__, hook, message.queue_id or "-")
-                self.app.metrics.plugin_errors.labels(plugin=impl.plugin, hook=hook).inc()
-                result = self.error_verdict
+        for impl, result in self._call(hook, kwargs, message.queue_id, _verdict_result)[0]:
             if result.action is not Action.CONTINUE and not result.plugin:
                 result = Verdict(result.action, result.code, result.xcode, result.text,
                                  result.reason, impl.plugin)
@@ -154,13 +179,31 @@ class Dispatcher:
 
     def header_edits(self, connection: Connection, message: Message) -> list[HeaderEdit] | None:
         """All plugins' edits, or None when a plugin failed (the caller applies on_error)."""
-        kwargs = {"app": self.app, "connection": connection, "message": message}
+        kwargs = {"app": self.app, "config": self.config, "connection": connection,
+                  "message": message}
+        results, failed = self._call("milterd_header_edits", kwargs, message.queue_id,
+                                     _header_edits_result)
+        if failed:
+            return None
         edits: list[HeaderEdit] = []
-        for impl, result in self._call("milterd_header_edits", kwargs, message.queue_id):
-            if isinstance(result, Verdict):  # the error verdict of a failed plugin
-                return None
+        for _impl, result in results:
             edits.extend(result)
         return edits
+
+
+def _observation_result(result: Any) -> str | None:
+    return "but the hook only observes (it must return None)"
+
+
+def _verdict_result(result: Any) -> str | None:
+    return None if isinstance(result, Verdict) else "not a Verdict"
+
+
+def _header_edits_result(result: Any) -> str | None:
+    if isinstance(result, (list, tuple)) and all(isinstance(e, (AddHeader, DeleteHeader))
+                                                 for e in result):
+        return None
+    return "not a list of AddHeader/DeleteHeader"
 
 
 def build_dispatcher(app: App, config: Config, *, load_entrypoints: bool = True,

@@ -1,7 +1,10 @@
-"""Running the daemon: sockets, side servers, signals and reload.
+"""Running the daemon: process control — sockets, side services, signals and reload.
+
+(The log formats live in :mod:`milterd.core.logs`.)
 
 pymilter's ``runmilter`` is not used as is, because the unix socket must get mode 0660 and the
-MTA's group between libmilter creating it and serving on it.
+MTA's group between libmilter creating it and serving on it, and because milterd checks the
+socket's directory itself first: libmilter says only "cannot opensocket".
 
 Signals.  libmilter's ``smfi_main`` blocks SIGHUP/SIGTERM/SIGINT in its thread and starts a
 signal thread that ``sigwait``\ s for them and treats SIGHUP like SIGTERM: *stop*.  A second
@@ -10,99 +13,105 @@ Linux gives a process-directed signal to the main thread first whenever the main
 it, so ``milter.main()`` runs in a worker thread and the Python main thread, which never blocks
 these signals, handles them: SIGHUP reloads, SIGTERM/SIGINT call ``milter.stop()`` (graceful:
 open sessions finish).  libmilter's signal thread never sees a signal.
+
+Reload (SIGHUP) is all or nothing: the new configuration and its plugins are built, and every
+side listener whose settings changed (``[metrics]``, ``[policy]``, ``[socketmap]`` listen, the
+policy socket's group) is started on its new address *before* anything is swapped; if any step
+fails, the reload is refused, the new listeners are closed and the old ones keep serving.  Only
+``[milter] listen``, ``[milter] timeout`` and ``[log] format`` need a restart (libmilter opens its
+socket and reads its timeout once; the log handler is set up once); a change is logged as such.
 """
 
 from __future__ import annotations
 
-import grp
-import json
+import errno
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import Milter
 import milter
 
-from milterd.inbound.milter_adapter import LIBMILTER_MODE, session_class
 from milterd.core.app import App, Dispatcher, build_dispatcher
 from milterd.core.config import Config, ConfigError, load_config
+from milterd.core.logs import set_level, setup_logging
 from milterd.core.metrics import MetricsServer
-from milterd.inbound.policy_server import ListenerError, PolicyServer
+from milterd.inbound.milter_adapter import LIBMILTER_MODE, session_class
+from milterd.inbound.policy_server import (ListenerError, PolicyServer, prepare_unix_socket,
+                                           set_socket_group, whoami)
 
-log = logging.getLogger("milterd")
+log = logging.getLogger(__name__)
 
 MILTER_NAME = "milterd"
 
-
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "ts": round(record.created, 3),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            entry.update(fields)
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False, default=str)
+# Settings read once at start; a reload that changes one logs that it waits for a restart.
+RESTART_KEYS: tuple[tuple[str, Callable[[Config], Any]], ...] = (
+    ("milter.listen", lambda c: c.milter.listen),
+    ("milter.timeout", lambda c: c.milter.timeout),
+    ("log.format", lambda c: c.log.format),
+    ("outbound.maillog", lambda c: c.outbound.maillog),
+    ("outbound.state_dir", lambda c: c.outbound.state_dir),
+)
 
 
-class TextFormatter(logging.Formatter):
-    """Plain lines; structured ``fields`` (if any) follow as ``key=value``, strings repr-quoted so
-    a peer-chosen value (a certificate name with CR/LF) cannot start a forged log line."""
+@dataclass
+class _Service:
+    """A side service and the settings it was started with (compared at reload)."""
 
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
-        self._second: tuple[int, str] = (-1, "")
-
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        # strftime once per second, not once per line (a line per message is the hot path)
-        second = int(record.created)
-        cached = self._second
-        if cached[0] != second:
-            cached = self._second = (second, time.strftime("%Y-%m-%d %H:%M:%S",
-                                                           self.converter(record.created)))
-        return f"{cached[1]},{int(record.msecs):03d}"
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            text += " " + " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}"
-                                   for k, v in fields.items() if v is not None)
-        return text
+    name: str            # the config key a change of which restarts it, e.g. "metrics.listen"
+    settings: Any
+    handle: Any          # has stop(); may have reconfigure(config)
 
 
-def setup_logging(config: Config, log_format: str | None = None) -> None:
-    # Neither formatter prints thread or process fields: don't compute them for every record.
-    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    handler = logging.StreamHandler(sys.stderr)
-    if (log_format or config.log.format) == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(TextFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(config.log.level.upper())
+@dataclass
+class _Swap:
+    """At reload: a side listener to replace (old None: new key; new None: key removed)."""
+
+    old: _Service | None
+    new: _Service | None
+    old_stopped: bool = False   # the old one had to stop first (it held the new address)
+
+
+def _listen_text(service: _Service) -> str:
+    settings = service.settings
+    if service.name == "policy.listen":
+        listen, group = settings
+        return f"on {listen}" + (f" (group {group})" if group else "")
+    return f"on {settings}"
+
+
+def _settings(name: str, c: Config) -> Any:
+    """What a side listener depends on; None: not configured."""
+    if name == "metrics.listen":
+        return c.metrics_listen
+    if name == "policy.listen":
+        pl = c.policy_listen
+        return None if pl is None else (pl, c.policy_group if pl.is_unix else None)
+    if name == "socketmap.listen":
+        return c.socketmap_listen
+    raise KeyError(name)
+
+
+_LISTENERS = ("metrics.listen", "policy.listen", "socketmap.listen")
 
 
 class Daemon:
     def __init__(self, config_path: str | None, config: Config, *,
-                 extra_plugins: tuple[tuple[str, object], ...] = ()):
+                 extra_plugins: tuple[tuple[str, object], ...] = (),
+                 log_format: str | None = None):
         self.config_path = config_path
         self.config = config
+        self.log_format = log_format  # --log-format: [log] format does not matter then
         self.extra_plugins = extra_plugins
         self.app = App(config)
         self.app.dispatcher = self._build(config)
-        self._servers: list[Any] = []
+        self._services: list[_Service] = []
         self._reload_lock = threading.Lock()
 
     def _build(self, config: Config) -> Dispatcher:
@@ -113,7 +122,7 @@ class Daemon:
         return dispatcher
 
     def _refresh_cert_gauge(self, config: Config) -> None:
-        from milterd.certs.tool import certificate_expiry
+        from milterd.certs.expiry import certificate_expiry
 
         paths = _configured_cert_paths(config)
         gauge = self.app.metrics.certificate_expiry
@@ -123,94 +132,187 @@ class Daemon:
 
     # -- reload ---------------------------------------------------------------------------------
     def reload(self) -> bool:
-        """Load the config file again; keep the old one on any error.  Returns success."""
+        """Load the config file again and apply it whole, or refuse it whole (the old one keeps
+        serving, listeners included).  Returns success."""
         with self._reload_lock:
             try:
                 new_config = load_config(self.config_path)
                 dispatcher = self._build(new_config)
             except ConfigError as exc:
-                log.error("reload refused, keeping the running configuration: %s",
-                          "; ".join(exc.errors))
-                self.app.metrics.config_reloads.labels(result="refused").inc()
-                return False
+                return self._refuse_reload("; ".join(exc.errors))
             except Exception as exc:
-                log.error("reload refused, keeping the running configuration: %s", exc)
-                self.app.metrics.config_reloads.labels(result="refused").inc()
-                return False
-            for key in ("milter", "policy_listen", "policy_group", "metrics_listen",
-                        "socketmap_listen"):
-                old, new = getattr(self.config, key), getattr(new_config, key)
-                if key == "milter":
-                    old, new = (old.listen, old.group), (new.listen, new.group)
-                if old != new:
-                    log.warning("reload: %s changed; it takes effect at the next restart", key)
+                return self._refuse_reload(str(exc))
+            try:
+                replaced = self._prepare_listeners(new_config)
+            except Exception as exc:
+                # the gauge was refreshed for the refused config: back to the running one's
+                self._refresh_cert_gauge(self.config)
+                return self._refuse_reload(f"{exc} (the running listener, if any, keeps "
+                                           "serving)")
+            for key, value in RESTART_KEYS:
+                old, new = value(self.config), value(new_config)
+                if old != new and not (key == "log.format" and self.log_format):
+                    log.warning("reload: %s changed (%r -> %r); it takes effect at the next "
+                                "restart (until then: %r)", key, old, new, old)
+            if new_config.milter.group != self.config.milter.group:
+                self._milter_socket_group(new_config)
+            # -- commit: nothing below refuses --------------------------------------------------
+            for swap in replaced:
+                if swap.old is not None:
+                    if not swap.old_stopped:
+                        self._stop(swap.old)
+                    self._services.remove(swap.old)
+                if swap.new is not None:
+                    self._services.append(swap.new)
+                    log.info("reload: %s now %s", swap.new.name, _listen_text(swap.new))
+                else:
+                    log.info("reload: %s removed: stopped", swap.old.name)
+            changed = {swap.new.name for swap in replaced if swap.new is not None}
             self.config = new_config
             self.app.config = new_config
-            for service in self._servers:
-                if hasattr(service, "reconfigure"):
-                    service.reconfigure(new_config)
+            for service in self._services:
+                if service.name not in changed and hasattr(service.handle, "reconfigure"):
+                    service.handle.reconfigure(new_config)
+            set_level(new_config)
             self.app.dispatcher = dispatcher  # atomic swap; open sessions keep their own
             self.app.metrics.config_reloads.labels(result="ok").inc()
             log.info("configuration reloaded from %s (plugins: %s)", self.config_path or
                      "<default>", ", ".join(dispatcher.plugin_names))
             return True
 
+    def _refuse_reload(self, why: str) -> bool:
+        log.error("reload refused, keeping the running configuration: %s", why)
+        self.app.metrics.config_reloads.labels(result="refused").inc()
+        return False
 
-    # -- run ------------------------------------------------------------------------------------
+    def _service(self, name: str) -> _Service | None:
+        return next((s for s in self._services if s.name == name), None)
+
+    def _prepare_listeners(self, new: Config) -> list[_Swap]:
+        """Start every side listener whose settings changed, on its new settings, before the
+        old one stops; returns the swaps for the commit.  A listener whose new address the old
+        one still holds (same port, another spelling) is moved by stopping the old one first —
+        and restarting it if the new one cannot start.  On any failure every new listener is
+        closed again, every old one runs again, and :class:`ListenerError` says which key
+        failed and why."""
+        swaps: list[_Swap] = []
+        regroup: _Service | None = None
+        try:
+            for name in _LISTENERS:
+                old = self._service(name)
+                settings = _settings(name, new)
+                if (old.settings if old else None) == settings:
+                    continue
+                if settings is None:
+                    swaps.append(_Swap(old, None))
+                elif (name == "policy.listen" and old is not None
+                        and old.settings[0] == settings[0]):
+                    regroup = old  # the same socket, another group: below, as the last step
+                else:
+                    swaps.append(self._start_replacement(name, new, old))
+            if regroup is not None:
+                regroup.handle.set_group(new.policy_group)
+                regroup.settings = _settings(regroup.name, new)
+                log.info("reload: policy socket %s given to group %s", regroup.settings[0],
+                         new.policy_group)
+        except BaseException:
+            for swap in reversed(swaps):
+                self._undo(swap)
+            raise
+        return swaps
+
+    def _start_replacement(self, name: str, new: Config, old: _Service | None) -> _Swap:
+        try:
+            return _Swap(old, self._start_listener(name, new))
+        except ListenerError:
+            if old is None:
+                raise
+        # Perhaps the old listener holds the very address: stop it and try once more.
+        self._stop(old)
+        try:
+            return _Swap(old, self._start_listener(name, new), old_stopped=True)
+        except ListenerError:
+            self._undo(_Swap(old, None, old_stopped=True))
+            raise
+
+    def _undo(self, swap: _Swap) -> None:
+        if swap.new is not None:
+            self._stop(swap.new)
+        if swap.old is not None and swap.old_stopped:
+            try:
+                swap.old.handle = self._start_listener(swap.old.name, self.config).handle
+            except ListenerError as exc:
+                self._services.remove(swap.old)
+                log.critical("reload: the running %s listener could not be restarted; it is "
+                             "not served now: %s", swap.old.name, exc)
+
+    # -- side services -------------------------------------------------------------------------
     def start_side_servers(self) -> None:
         """Start metrics, policy, socketmap and the maillog follower; a listener that cannot
         be set up raises :class:`ListenerError` (naming its key) after stopping the others."""
         c = self.config
         try:
-            if c.metrics_listen:
-                s = MetricsServer(self.app.metrics, c.metrics_listen.host, c.metrics_listen.port)
-                s.start()
-                self._servers.append(s)
-                log.info("metrics on http://%s/metrics", c.metrics_listen)
-            if c.policy_listen:
-                pl = c.policy_listen
-                if pl.is_unix:
-                    p = PolicyServer(self.app.policy_views, path=pl.path, group=c.policy_group)
-                    log.info("policy delegation on %s (mode 0660, group %s)", pl,
-                             c.policy_group or "unchanged")
-                else:
-                    p = PolicyServer(self.app.policy_views, pl.host, pl.port)
-                    log.info("policy delegation on %s (TCP: every local user can post "
-                             "requests; prefer a unix socket)", pl)
-                p.start()
-                self._servers.append(p)
-            if c.socketmap_listen:
-                self._start_socketmap(c)
+            for name in _LISTENERS:
+                if _settings(name, c) is not None:
+                    self._services.append(self._start_listener(name, c))
             if c.outbound.maillog:
                 self._start_maillog(c)
         except BaseException:
             self._stop_side_servers()
             raise
 
-    def _stop_side_servers(self) -> None:
-        for s in self._servers:
+    def _start_listener(self, name: str, c: Config) -> _Service:
+        if name == "metrics.listen":
+            assert c.metrics_listen is not None
+            handle: Any = MetricsServer(self.app.metrics, c.metrics_listen.host,
+                                        c.metrics_listen.port)
+            handle.start()
+            log.info("metrics on http://%s/metrics", c.metrics_listen)
+        elif name == "policy.listen":
+            pl = c.policy_listen
+            assert pl is not None
+            if pl.is_unix:
+                handle = PolicyServer(self.app.policy_views, path=pl.path, group=c.policy_group)
+                log.info("policy delegation on %s (mode 0660, group %s)", pl,
+                         c.policy_group or "unchanged")
+            else:
+                handle = PolicyServer(self.app.policy_views, pl.host, pl.port)
+                log.info("policy delegation on %s (TCP: every local user can post "
+                         "requests; prefer a unix socket)", pl)
+            handle.start()
+        elif name == "socketmap.listen":
+            from milterd.outbound.service import start_socketmap
+
             try:
-                s.stop()
-            except Exception:
-                log.exception("while stopping %r", s)
-        self._servers.clear()
+                handle = start_socketmap(self.app, c)
+            except OSError as exc:
+                raise ListenerError(f"socketmap.listen: cannot listen on {c.socketmap_listen}: "
+                                    f"{exc.strerror or exc}") from None
+            log.info("TLS policy socketmap on %s", c.socketmap_listen)
+        else:
+            raise KeyError(name)
+        return _Service(name, _settings(name, c), handle)
 
-    def _start_socketmap(self, c: Config) -> None:
-        from milterd.outbound.service import start_socketmap
-
+    def _stop(self, service: _Service) -> None:
         try:
-            self._servers.append(start_socketmap(self.app, c))
-        except OSError as exc:
-            raise ListenerError(f"socketmap.listen: cannot listen on {c.socketmap_listen}: "
-                                f"{exc.strerror or exc}") from None
-        log.info("TLS policy socketmap on %s", c.socketmap_listen)
+            service.handle.stop()
+        except Exception:
+            log.exception("while stopping %s", service.name)
+
+    def _stop_side_servers(self) -> None:
+        for s in self._services:
+            self._stop(s)
+        self._services.clear()
 
     def _start_maillog(self, c: Config) -> None:
         from milterd.outbound.service import start_maillog_follower
 
-        self._servers.append(start_maillog_follower(self.app, c))
+        self._services.append(_Service("outbound.maillog", (c.outbound.maillog,
+                                                            c.outbound.state_dir),
+                                       start_maillog_follower(self.app, c)))
         log.info("following %s for outbound TLS results", c.outbound.maillog)
 
+    # -- the milter socket ---------------------------------------------------------------------
     def _open_milter_socket(self, c: Config) -> None:
         Milter.factory = session_class(self.app)
         milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS | Milter.SETSYMLIST)
@@ -221,7 +323,11 @@ class Daemon:
         milter.register(MILTER_NAME, negotiate=Milter.negotiate_callback)
         socket_path = _unix_path(c.milter.listen)
         if socket_path:
-            Path(socket_path).parent.mkdir(parents=True, exist_ok=True)
+            # libmilter's "cannot opensocket" names neither the path nor the reason: check first.
+            prepare_unix_socket(socket_path, key="milter.listen", group=c.milter.group or None,
+                                dir_mode=0o755)
+        else:
+            _check_inet(c.milter.listen)
         old_umask = os.umask(0o117)  # socket created 0660
         try:
             milter.opensocket(True)
@@ -234,14 +340,18 @@ class Daemon:
         inet_port = _inet_port(c.milter.listen)
         if inet_port:
             _nodelay_listener(inet_port)
-        if socket_path and c.milter.group:
-            try:
-                os.chown(socket_path, -1, grp.getgrnam(c.milter.group).gr_gid)
-            except KeyError:
-                log.error("[milter] group %r does not exist; the MTA may not reach the socket",
-                          c.milter.group)
-            except PermissionError:
-                log.error("cannot give the socket to group %r (not root?)", c.milter.group)
+        self._milter_socket_group(c)
+
+    def _milter_socket_group(self, c: Config) -> None:
+        """Give the milter's unix socket to ``[milter] group`` (at start and at reload); a
+        failure is logged, not fatal (the MTA may then not reach the socket)."""
+        socket_path = _unix_path(self.config.milter.listen)  # the socket really open
+        if not socket_path or not c.milter.group:
+            return
+        try:
+            set_socket_group(socket_path, c.milter.group, group_key="milter.group")
+        except ListenerError as exc:
+            log.error("%s; the MTA may not reach the socket", exc)
 
     def run(self) -> int:
         c = self.config
@@ -287,7 +397,10 @@ class Daemon:
                 if reload_requested.is_set():
                     reload_requested.clear()
                     log.info("SIGHUP received: reloading")
-                    self.reload()
+                    try:
+                        self.reload()
+                    except Exception:  # a bug in reload must not stop the daemon
+                        log.exception("reload failed; the running configuration stays")
                 if stop_requested.is_set() and not stopping:
                     stopping = True
                     log.info("stop requested: finishing open sessions")
@@ -296,11 +409,7 @@ class Daemon:
                 raise failure[0]
             self._wait_for_sessions()
         finally:
-            for s in self._servers:
-                try:
-                    s.stop()
-                except Exception:
-                    log.exception("while stopping %r", s)
+            self._stop_side_servers()
             log.info("milterd stopped")
         return 0
 
@@ -351,6 +460,30 @@ def _inet_port(spec: str) -> int | None:
     return None
 
 
+def _check_inet(spec: str) -> None:
+    """Bind a probe to libmilter's ``inet:``/``inet6:`` address first: libmilter's own failure
+    gives no reason (port in use, privileged port, a name that does not resolve)."""
+    kind, _, rest = spec.partition(":")
+    port_text, _, host = rest.partition("@")
+    family = socket.AF_INET6 if kind == "inet6" else socket.AF_INET
+    host = host.strip("[]") or ("::" if family == socket.AF_INET6 else "0.0.0.0")
+    try:
+        address = socket.getaddrinfo(host, int(port_text), family, socket.SOCK_STREAM)[0][4]
+    except (OSError, ValueError) as exc:
+        raise ListenerError(f"milter.listen: cannot listen on {spec!r}: {host!r} does not "
+                            f"resolve ({exc})") from None
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as libmilter does
+        probe.bind(address)
+    except OSError as exc:
+        who = f" for user {whoami()}" if exc.errno == errno.EACCES else ""
+        raise ListenerError(f"milter.listen: cannot listen on {spec!r}: "
+                            f"{exc.strerror or exc}{who}") from None
+    finally:
+        probe.close()
+
+
 def _nodelay_listener(port: int) -> None:
     """TCP_NODELAY on libmilter's listening socket (Linux hands it on to accepted sockets).
 
@@ -358,19 +491,17 @@ def _nodelay_listener(port: int) -> None:
     Nagle each second segment waits for the MTA's delayed ACK (~40 ms a message on loopback).
     Measured (bench/): one session over inet 88.6 -> 44.5 ms/message; the rest is the MTA's side.
     """
-    import socket as _socket
-
     for fd in map(int, os.listdir("/proc/self/fd")):
         try:
-            s = _socket.socket(fileno=fd)
+            s = socket.socket(fileno=fd)
         except OSError:
             continue
         try:
-            if (s.family in (_socket.AF_INET, _socket.AF_INET6)
-                    and s.type == _socket.SOCK_STREAM
-                    and s.getsockopt(_socket.SOL_SOCKET, _socket.SO_ACCEPTCONN)
+            if (s.family in (socket.AF_INET, socket.AF_INET6)
+                    and s.type == socket.SOCK_STREAM
+                    and s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
                     and s.getsockname()[1] == port):
-                s.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
         finally:
@@ -396,7 +527,7 @@ def run(config_path: str | None, *, log_format: str | None = None) -> int:
         return 2
     setup_logging(config, log_format)
     try:
-        daemon = Daemon(config_path, config)
+        daemon = Daemon(config_path, config, log_format=log_format)
     except Exception as exc:
         log.error("cannot start: %s", exc)
         return 2

@@ -38,7 +38,7 @@ from typing import Mapping
 
 from milterd.inbound.policy_views import PolicyView, PolicyViews, normalize_address, normalize_port
 
-log = logging.getLogger("milterd.policy")
+log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 64 * 1024    # Postfix requests are a few hundred bytes
 MAX_LINE_BYTES = 8192
@@ -250,8 +250,23 @@ class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         return str(client_address)
 
 
-def _whoami() -> str:
+def whoami() -> str:
     uid = os.geteuid()
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _user_name() -> str:
+    uid = os.geteuid()
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _owner(uid: int) -> str:
     try:
         return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
     except KeyError:
@@ -271,7 +286,47 @@ def _describe_dir(path: Path) -> str:
         group = grp.getgrgid(st.st_gid).gr_name
     except KeyError:
         group = str(st.st_gid)
-    return f"{path} (mode {stat.S_IMODE(st.st_mode):04o}, owner {owner}:{group})"
+    sticky = ", sticky" if st.st_mode & stat.S_ISVTX else ""
+    return f"{path} (mode {stat.S_IMODE(st.st_mode):04o}{sticky}, owner {owner}:{group})"
+
+
+def _nearest_existing(path: Path) -> Path:
+    for candidate in (path, *path.parents):
+        if os.path.lexists(candidate):
+            return candidate
+    return Path("/")
+
+
+def _install_dir(directory: Path, group: str | None) -> str:
+    g = f" -g {group}" if group else ""
+    return f"install -d -o {_user_name()}{g} -m 0750 {directory}"
+
+
+def _may_create_in(directory: Path) -> bool:
+    if os.access in os.supports_effective_ids:
+        return os.access(directory, os.W_OK | os.X_OK, effective_ids=True)
+    return os.access(directory, os.W_OK | os.X_OK)
+
+
+def _read_only(directory: Path) -> bool:
+    try:
+        return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _in_use(path: str) -> bool:
+    """Whether a process accepts connections on the unix socket ``path`` (False: stale, or we
+    may not connect to it, which tells nothing either way)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2.0)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
 
 
 def tcp_listener(host: str, port: int, *, key: str) -> socket.socket:
@@ -293,14 +348,102 @@ def tcp_listener(host: str, port: int, *, key: str) -> socket.socket:
     return sock
 
 
+def prepare_unix_socket(path: str, *, key: str, group: str | None = None, dir_gid: int = -1,
+                        dir_mode: int = 0o750) -> None:
+    """Make sure this process can create a listening unix socket at ``path``; shared by the
+    policy socket and the milter socket (checked before libmilter, which says only "cannot
+    opensocket").  Creates a missing directory (``dir_mode``, group ``dir_gid``); removes a stale
+    socket; refuses a socket another process is serving on, and anything else in the way.
+    Every :class:`ListenerError` names the config ``key``, the path, the user milterd runs as,
+    what permission is missing and on what, and the fix (``group``: the socket's group, for
+    the commands it suggests)."""
+    p = Path(path)
+    parent = p.parent
+    user = whoami()
+    if not os.path.isdir(parent):
+        if os.path.lexists(parent):
+            raise ListenerError(f"{key}: {parent} (the socket's directory) is not a directory")
+        try:
+            parent.mkdir(parents=True, mode=dir_mode)
+        except PermissionError:
+            above = _nearest_existing(parent.parent)
+            raise ListenerError(
+                f"{key}: cannot create the directory {parent} for the socket {path}: "
+                f"permission denied for user {user}: it needs write and search permission on "
+                f"{_describe_dir(above)}. Fix (as root): "
+                f"{_install_dir(parent, group)}") from None
+        except OSError as exc:
+            raise ListenerError(f"{key}: cannot create the directory {parent} for the socket "
+                                f"{path}: {exc.strerror}") from None
+        if dir_gid != -1:
+            try:
+                os.chown(parent, -1, dir_gid)
+            except PermissionError:
+                raise ListenerError(
+                    f"{key}: created {parent} but cannot give it to group {group!r}: user "
+                    f"{user} is neither root nor a member of {group!r}. Fix (as root): "
+                    f"{_install_dir(parent, group)}") from None
+    try:
+        st = os.lstat(p)
+    except FileNotFoundError:
+        pass
+    except PermissionError:
+        raise ListenerError(f"{key}: cannot look into {_describe_dir(parent)}: permission "
+                            f"denied for user {user}: it needs search (x) permission on it. "
+                            f"Fix (as root): {_install_dir(parent, group)}") from None
+    except OSError as exc:
+        raise ListenerError(f"{key}: cannot inspect {path}: {exc.strerror}") from None
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ListenerError(f"{key}: {path} exists and is not a socket; not removing it "
+                                "(remove it yourself if it is not needed, or choose another "
+                                "path)")
+        if _in_use(path):
+            raise ListenerError(f"{key}: {path} is in use: another process accepts "
+                                "connections on it (another milterd?); stop it first, or "
+                                "choose another path")
+        try:
+            p.unlink()  # stale socket from an earlier run (libmilter would do the same)
+        except FileNotFoundError:
+            pass
+        except PermissionError:
+            left_by = _owner(st.st_uid)
+            why = ""
+            if st.st_uid == 0 and os.geteuid() != 0:
+                why = (" (an earlier milterd started as root? libmilter leaves its socket "
+                       "behind when it runs as root)")
+            raise ListenerError(
+                f"{key}: a stale socket {path} left by {left_by}{why} is in the way, and user "
+                f"{user} cannot remove it: that needs write permission on "
+                f"{_describe_dir(parent)}" + (" and, the directory being sticky, owning the "
+                                              "socket or the directory" if
+                                              parent.stat().st_mode & stat.S_ISVTX else "") +
+                f". Fix (as root): rm {path}; then always start milterd as the same user"
+            ) from None
+        else:
+            if st.st_uid != os.geteuid():
+                log.info("%s: removed a stale socket %s left by %s", key, path,
+                         _owner(st.st_uid))
+    if not _may_create_in(parent):
+        if _read_only(parent):
+            raise ListenerError(f"{key}: cannot create the socket {path}: {parent} is on a "
+                                "read-only file system (under systemd: ReadWritePaths=)")
+        raise ListenerError(
+            f"{key}: cannot create the socket {path}: permission denied for user {user}: it "
+            f"needs write and search permission on {_describe_dir(parent)}. Fix (as root), if "
+            f"{parent} is milterd's alone: chown {_user_name()} {parent} && chmod u+rwx "
+            f"{parent}; otherwise give the socket a directory of its own: "
+            f"{_install_dir(parent / 'milterd', group)} and point {key} there")
+
+
 def unix_listener(path: str, group: str | None, *, key: str,
                   group_key: str) -> socket.socket:
     """A listening unix socket at ``path``, mode 0660, group ``group`` ("" / None: unchanged).
 
-    A stale socket file is removed; any other file in the way is an error.  Every error names
-    the config key, the path, the user milterd runs as and what is missing.
+    A stale socket file is removed; a live one, or any other file in the way, is an error.  Every
+    error names the config key, the path, the user milterd runs as and what is missing
+    (:func:`prepare_unix_socket`).
     """
-    p = Path(path)
     gid = -1
     if group:
         try:
@@ -308,35 +451,9 @@ def unix_listener(path: str, group: str | None, *, key: str,
         except KeyError:
             raise ListenerError(f"{group_key}: group {group!r} does not exist (needed for the "
                                 f"socket {path})") from None
-    user = _whoami()
-    parent = p.parent
-    if not parent.is_dir():
-        try:
-            parent.mkdir(parents=True, mode=0o750)
-            if gid != -1:
-                os.chown(parent, -1, gid)
-        except PermissionError:
-            raise ListenerError(f"{key}: cannot create directory {parent} for the socket: "
-                                f"permission denied for user {user}: it needs write and "
-                                f"search permission on {_describe_dir(parent.parent)}") from None
-        except OSError as exc:
-            raise ListenerError(f"{key}: cannot create directory {parent}: "
-                                f"{exc.strerror}") from None
-    try:
-        st = p.lstat()
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        raise ListenerError(f"{key}: cannot inspect {path}: {exc.strerror}") from None
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise ListenerError(f"{key}: {path} exists and is not a socket; not removing it")
-        try:
-            p.unlink()  # stale socket from an earlier run (libmilter does the same)
-        except PermissionError:
-            raise ListenerError(f"{key}: cannot remove the stale socket {path}: permission "
-                                f"denied for user {user}: it needs write permission on "
-                                f"{_describe_dir(parent)}") from None
+    user = whoami()
+    parent = Path(path).parent
+    prepare_unix_socket(path, key=key, group=group or None, dir_gid=gid)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o117)  # never wider than 0660, not even before the chmod below
     try:
@@ -360,14 +477,35 @@ def unix_listener(path: str, group: str | None, *, key: str,
     except PermissionError:
         sock.close()
         _unlink_quietly(path)
-        raise ListenerError(f"{group_key}: cannot give the socket {path} to group {group!r}: "
-                            f"permission denied for user {user} (neither root nor a member of "
-                            f"{group!r})") from None
+        raise ListenerError(_group_refused(group_key, path, group)) from None
     except OSError as exc:
         sock.close()
         _unlink_quietly(path)
         raise ListenerError(f"{key}: cannot set up the socket {path}: {exc.strerror}") from None
     return sock
+
+
+def _group_refused(group_key: str, path: str, group: str | None) -> str:
+    return (f"{group_key}: cannot give the socket {path} to group {group!r}: permission denied "
+            f"for user {whoami()} (neither root nor a member of {group!r})")
+
+
+def set_socket_group(path: str, group: str | None, *, group_key: str) -> None:
+    """Give an existing socket to ``group`` ("" / None: leave it); errors as :func:`unix_listener`'s."""
+    if not group:
+        return
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ListenerError(f"{group_key}: group {group!r} does not exist (needed for the "
+                            f"socket {path})") from None
+    try:
+        os.chown(path, -1, gid)
+    except PermissionError:
+        raise ListenerError(_group_refused(group_key, path, group)) from None
+    except OSError as exc:
+        raise ListenerError(f"{group_key}: cannot give the socket {path} to group {group!r}: "
+                            f"{exc.strerror}") from None
 
 
 def _unlink_quietly(path: str) -> None:
@@ -399,6 +537,11 @@ class PolicyServer:
 
     def start(self) -> None:
         self._thread.start()
+
+    def set_group(self, group: str | None) -> None:
+        """At reload: give the unix socket to another ``[policy] group`` in place."""
+        if self.path is not None:
+            set_socket_group(self.path, group, group_key="policy.group")
 
     def stop(self) -> None:
         if self._thread.is_alive():

@@ -23,7 +23,7 @@ from typing import Mapping
 
 from milterd.core.config import normalize_fingerprint
 from milterd.policy.dn import subject_cn, xtext_decode
-from milterd.session import NO_TLS, CertVerify, TlsFacts
+from milterd.session import PLAINTEXT, CertVerify, TlsFacts
 
 # The macros milterd asks the MTA for, per stage.  Postfix ignores names it does not know.
 TLS_MACROS = ("{tls_version}", "{cipher}", "{cipher_bits}", "{cert_subject}", "{cert_issuer}",
@@ -55,7 +55,7 @@ def from_macros(macros: Mapping[str, str | None]) -> tuple[TlsFacts, list[str]]:
     if not version:
         # No TLS.  Sendmail says {verify}=NO/CLEAR without STARTTLS only in odd set-ups; the
         # session is unencrypted either way.
-        return NO_TLS, warnings
+        return PLAINTEXT, warnings
     if not _VERSION.fullmatch(version):
         warnings.append(f"unexpected {{tls_version}} {version!r}")
     cipher = _clean(macros.get("{cipher}")) or None
