@@ -9,7 +9,7 @@ import asyncio
 
 import pytest
 
-from milterd.mta.milter_client import MilterSession
+from milterd.mta.milter_client import MilterClientSession
 from milterd.policy.stamp import parse_stamp
 
 CONFIG = """
@@ -38,7 +38,7 @@ HOSTILE = [
 
 
 async def _transaction(spec: str, sender: str, from_header: str, macros: dict[str, str]):
-    s = MilterSession(spec, command_timeout=10)
+    s = MilterClientSession(spec, command_timeout=10)
     assert await s.open()
     try:
         await s.connect("client.test", "4", 40000, "127.0.0.1", macros)
