@@ -14,8 +14,8 @@ responses (milter -> MTA), so tests can round-trip each one.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
-from typing import ClassVar, Union
+from dataclasses import dataclass, fields
+from typing import ClassVar, Self, Union
 
 MILTER_VERSION = 6
 #: libmilter refuses packets above this by default (MILTER_MAX_DATA_SIZE*...);
@@ -169,6 +169,88 @@ class PacketDecoder:
         return len(self._buf)
 
 
+# --------------------------------------------------------------------------- payload layouts
+# Most messages share one of a few layouts; each message class names its code (and the label its
+# parse errors use) and inherits the layout.
+
+
+@dataclass(frozen=True)
+class _NoPayload:
+    """The command byte alone (any payload is ignored, as libmilter does)."""
+
+    def payload(self) -> bytes:
+        return b""
+
+    @classmethod
+    def parse(cls, payload: bytes) -> Self:
+        return cls()
+
+
+@dataclass(frozen=True)
+class _Strings:
+    """Every field is a string, sent as a NUL-terminated string, in field order."""
+
+    LABEL: ClassVar[str]
+
+    def payload(self) -> bytes:
+        return b"".join(_cstr(getattr(self, f.name)) for f in fields(self))
+
+    @classmethod
+    def parse(cls, payload: bytes) -> Self:
+        return cls(*_need_strings(payload, len(fields(cls)), cls.LABEL))
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """The payload is the raw bytes of ``chunk`` (a body chunk)."""
+
+    chunk: bytes
+
+    def payload(self) -> bytes:
+        return self.chunk
+
+    @classmethod
+    def parse(cls, payload: bytes) -> Self:
+        return cls(payload)
+
+
+@dataclass(frozen=True)
+class _IndexedHeader:
+    """``uint32 index``, then header name and value."""
+
+    LABEL: ClassVar[str]
+    index: int
+    name: str
+    value: str
+
+    def payload(self) -> bytes:
+        return struct.pack("!I", self.index) + _cstr(self.name) + _cstr(self.value)
+
+    @classmethod
+    def parse(cls, payload: bytes) -> Self:
+        index, rest = _u32(payload, cls.LABEL)
+        return cls(index, *_need_strings(rest, 2, cls.LABEL))
+
+
+@dataclass(frozen=True)
+class _AddressWithArgs:
+    """An address and, optionally, its ESMTP arguments as one string."""
+
+    LABEL: ClassVar[str]
+    address: str
+    args: str = ""
+
+    def payload(self) -> bytes:
+        return _cstr(self.address) + _cstr(self.args)
+
+    @classmethod
+    def parse(cls, payload: bytes) -> Self:
+        parts = _split_cstrs(payload)
+        if not parts or len(parts) > 2:
+            raise MilterProtocolError("%s: malformed" % cls.LABEL)
+        return cls(parts[0], parts[1] if len(parts) > 1 else "")
+
+
 # --------------------------------------------------------------------------- commands (MTA -> milter)
 
 
@@ -264,16 +346,10 @@ class Connect:
 
 
 @dataclass(frozen=True)
-class Helo:
+class Helo(_Strings):
     CODE: ClassVar[bytes] = b"H"
+    LABEL: ClassVar[str] = "HELO"
     name: str
-
-    def payload(self) -> bytes:
-        return _cstr(self.name)
-
-    @classmethod
-    def parse(cls, payload: bytes) -> "Helo":
-        return cls(*_need_strings(payload, 1, "HELO"))
 
 
 @dataclass(frozen=True)
@@ -311,118 +387,56 @@ class RcptTo(_EnvelopeCommand):
 
 
 @dataclass(frozen=True)
-class Data:
+class Data(_NoPayload):
     CODE: ClassVar[bytes] = b"T"
-
-    def payload(self) -> bytes:
-        return b""
-
-    @classmethod
-    def parse(cls, payload: bytes) -> "Data":
-        return cls()
 
 
 @dataclass(frozen=True)
-class Header:
+class Header(_Strings):
     CODE: ClassVar[bytes] = b"L"
+    LABEL: ClassVar[str] = "HEADER"
     name: str
     value: str
 
-    def payload(self) -> bytes:
-        return _cstr(self.name) + _cstr(self.value)
-
-    @classmethod
-    def parse(cls, payload: bytes) -> "Header":
-        return cls(*_need_strings(payload, 2, "HEADER"))
-
 
 @dataclass(frozen=True)
-class EndOfHeaders:
+class EndOfHeaders(_NoPayload):
     CODE: ClassVar[bytes] = b"N"
 
-    def payload(self) -> bytes:
-        return b""
-
-    @classmethod
-    def parse(cls, payload: bytes) -> "EndOfHeaders":
-        return cls()
-
 
 @dataclass(frozen=True)
-class Body:
+class Body(_Chunk):
     CODE: ClassVar[bytes] = b"B"
-    chunk: bytes
-
-    def payload(self) -> bytes:
-        return self.chunk
-
-    @classmethod
-    def parse(cls, payload: bytes) -> "Body":
-        return cls(payload)
 
 
 @dataclass(frozen=True)
-class EndOfMessage:
+class EndOfMessage(_Chunk):
     CODE: ClassVar[bytes] = b"E"
     chunk: bytes = b""
 
-    def payload(self) -> bytes:
-        return self.chunk
-
-    @classmethod
-    def parse(cls, payload: bytes) -> "EndOfMessage":
-        return cls(payload)
-
 
 @dataclass(frozen=True)
-class Abort:
+class Abort(_NoPayload):
     CODE: ClassVar[bytes] = b"A"
 
-    def payload(self) -> bytes:
-        return b""
-
-    @classmethod
-    def parse(cls, payload: bytes) -> "Abort":
-        return cls()
-
 
 @dataclass(frozen=True)
-class Quit:
+class Quit(_NoPayload):
     CODE: ClassVar[bytes] = b"Q"
 
-    def payload(self) -> bytes:
-        return b""
-
-    @classmethod
-    def parse(cls, payload: bytes) -> "Quit":
-        return cls()
-
 
 @dataclass(frozen=True)
-class QuitNewConnection:
+class QuitNewConnection(_NoPayload):
     """SMFIC_QUIT_NC (v6): close this session, keep the socket for a new one."""
 
     CODE: ClassVar[bytes] = b"K"
 
-    def payload(self) -> bytes:
-        return b""
-
-    @classmethod
-    def parse(cls, payload: bytes) -> "QuitNewConnection":
-        return cls()
-
 
 @dataclass(frozen=True)
-class Unknown:
+class Unknown(_Strings):
     CODE: ClassVar[bytes] = b"U"
+    LABEL: ClassVar[str] = "UNKNOWN"
     command: str
-
-    def payload(self) -> bytes:
-        return _cstr(self.command)
-
-    @classmethod
-    def parse(cls, payload: bytes) -> "Unknown":
-        return cls(*_need_strings(payload, 1, "UNKNOWN"))
 
 
 Command = Union[OptNeg, Macro, Connect, Helo, MailFrom, RcptTo, Data, Header, EndOfHeaders,
@@ -432,97 +446,53 @@ Command = Union[OptNeg, Macro, Connect, Helo, MailFrom, RcptTo, Data, Header, En
 
 
 @dataclass(frozen=True)
-class Accept:
+class Accept(_NoPayload):
     """SMFIR_ACCEPT: accept; no further callbacks for this message."""
 
     CODE: ClassVar[bytes] = b"a"
 
-    def payload(self) -> bytes:
-        return b""
-
-    @classmethod
-    def parse(cls, payload: bytes) -> "Accept":
-        return cls()
-
 
 @dataclass(frozen=True)
-class Continue:
+class Continue(_NoPayload):
     CODE: ClassVar[bytes] = b"c"
 
-    def payload(self) -> bytes:
-        return b""
-
-    @classmethod
-    def parse(cls, payload: bytes) -> "Continue":
-        return cls()
-
 
 @dataclass(frozen=True)
-class Reject:
+class Reject(_NoPayload):
     CODE: ClassVar[bytes] = b"r"
 
-    def payload(self) -> bytes:
-        return b""
-
-    @classmethod
-    def parse(cls, payload: bytes) -> "Reject":
-        return cls()
-
 
 @dataclass(frozen=True)
-class TempFail:
+class TempFail(_NoPayload):
     CODE: ClassVar[bytes] = b"t"
 
-    def payload(self) -> bytes:
-        return b""
-
-    @classmethod
-    def parse(cls, payload: bytes) -> "TempFail":
-        return cls()
-
 
 @dataclass(frozen=True)
-class Discard:
+class Discard(_NoPayload):
     CODE: ClassVar[bytes] = b"d"
 
-    def payload(self) -> bytes:
-        return b""
-
-    @classmethod
-    def parse(cls, payload: bytes) -> "Discard":
-        return cls()
-
 
 @dataclass(frozen=True)
-class Skip:
+class Skip(_NoPayload):
     """SMFIR_SKIP: stop sending body chunks (only with SMFIP_SKIP)."""
 
     CODE: ClassVar[bytes] = b"s"
 
-    def payload(self) -> bytes:
-        return b""
-
-    @classmethod
-    def parse(cls, payload: bytes) -> "Skip":
-        return cls()
-
 
 @dataclass(frozen=True)
-class ReplyCode:
+class ReplyCode(_Strings):
     """SMFIR_REPLYCODE: full SMTP reply text, e.g. ``550 5.7.1 go away``."""
 
     CODE: ClassVar[bytes] = b"y"
+    LABEL: ClassVar[str] = "REPLYCODE"
     text: str
 
-    def payload(self) -> bytes:
-        return _cstr(self.text)
-
     @classmethod
-    def parse(cls, payload: bytes) -> "ReplyCode":
-        (text,) = _need_strings(payload, 1, "REPLYCODE")
-        if len(text) < 3 or not text[:3].isdigit() or text[0] not in "45":
+    def parse(cls, payload: bytes) -> Self:
+        reply = super().parse(payload)
+        if len(reply.text) < 3 or not reply.text[:3].isdigit() or reply.text[0] not in "45":
             raise MilterProtocolError("REPLYCODE: not a 4xx/5xx reply")
-        return cls(text)
+        return reply
 
     @property
     def code(self) -> int:
@@ -530,182 +500,90 @@ class ReplyCode:
 
 
 @dataclass(frozen=True)
-class ShutDown:
+class ShutDown(_NoPayload):
     """SMFIR_SHUTDOWN ('4'): 421, close the SMTP session."""
 
     CODE: ClassVar[bytes] = b"4"
 
-    def payload(self) -> bytes:
-        return b""
-
-    @classmethod
-    def parse(cls, payload: bytes) -> "ShutDown":
-        return cls()
-
 
 @dataclass(frozen=True)
-class ConnFail:
+class ConnFail(_NoPayload):
     CODE: ClassVar[bytes] = b"f"
 
-    def payload(self) -> bytes:
-        return b""
-
-    @classmethod
-    def parse(cls, payload: bytes) -> "ConnFail":
-        return cls()
-
 
 @dataclass(frozen=True)
-class Progress:
+class Progress(_NoPayload):
     """SMFIR_PROGRESS: still working — restart the reply timeout."""
 
     CODE: ClassVar[bytes] = b"p"
 
-    def payload(self) -> bytes:
-        return b""
-
-    @classmethod
-    def parse(cls, payload: bytes) -> "Progress":
-        return cls()
-
 
 @dataclass(frozen=True)
-class AppendHeader:
+class AppendHeader(_Strings):
     """SMFIR_ADDHEADER: append a header at the end of the header block."""
 
     CODE: ClassVar[bytes] = b"h"
+    LABEL: ClassVar[str] = "ADDHEADER"
     name: str
     value: str
 
-    def payload(self) -> bytes:
-        return _cstr(self.name) + _cstr(self.value)
-
-    @classmethod
-    def parse(cls, payload: bytes) -> "AppendHeader":
-        return cls(*_need_strings(payload, 2, "ADDHEADER"))
-
 
 @dataclass(frozen=True)
-class InsertHeader:
+class InsertHeader(_IndexedHeader):
     """SMFIR_INSHEADER: insert at 0-based ``index`` among all headers."""
 
     CODE: ClassVar[bytes] = b"i"
-    index: int
-    name: str
-    value: str
-
-    def payload(self) -> bytes:
-        return struct.pack("!I", self.index) + _cstr(self.name) + _cstr(self.value)
-
-    @classmethod
-    def parse(cls, payload: bytes) -> "InsertHeader":
-        index, rest = _u32(payload, "INSHEADER")
-        return cls(index, *_need_strings(rest, 2, "INSHEADER"))
+    LABEL: ClassVar[str] = "INSHEADER"
 
 
 @dataclass(frozen=True)
-class ChangeHeader:
+class ChangeHeader(_IndexedHeader):
     """SMFIR_CHGHEADER: change the ``index``-th (1-based) header of that name;
     an empty value deletes it."""
 
     CODE: ClassVar[bytes] = b"m"
-    index: int
-    name: str
-    value: str
-
-    def payload(self) -> bytes:
-        return struct.pack("!I", self.index) + _cstr(self.name) + _cstr(self.value)
-
-    @classmethod
-    def parse(cls, payload: bytes) -> "ChangeHeader":
-        index, rest = _u32(payload, "CHGHEADER")
-        return cls(index, *_need_strings(rest, 2, "CHGHEADER"))
+    LABEL: ClassVar[str] = "CHGHEADER"
 
 
 @dataclass(frozen=True)
-class Quarantine:
+class Quarantine(_Strings):
     CODE: ClassVar[bytes] = b"q"
+    LABEL: ClassVar[str] = "QUARANTINE"
     reason: str
 
-    def payload(self) -> bytes:
-        return _cstr(self.reason)
-
-    @classmethod
-    def parse(cls, payload: bytes) -> "Quarantine":
-        return cls(*_need_strings(payload, 1, "QUARANTINE"))
-
 
 @dataclass(frozen=True)
-class ReplaceBody:
+class ReplaceBody(_Chunk):
     CODE: ClassVar[bytes] = b"b"
-    chunk: bytes
-
-    def payload(self) -> bytes:
-        return self.chunk
-
-    @classmethod
-    def parse(cls, payload: bytes) -> "ReplaceBody":
-        return cls(payload)
 
 
 @dataclass(frozen=True)
-class AddRcpt:
+class AddRcpt(_Strings):
     CODE: ClassVar[bytes] = b"+"
+    LABEL: ClassVar[str] = "ADDRCPT"
     address: str
-
-    def payload(self) -> bytes:
-        return _cstr(self.address)
-
-    @classmethod
-    def parse(cls, payload: bytes) -> "AddRcpt":
-        return cls(*_need_strings(payload, 1, "ADDRCPT"))
 
 
 @dataclass(frozen=True)
-class AddRcptPar:
+class AddRcptPar(_AddressWithArgs):
     CODE: ClassVar[bytes] = b"2"
-    address: str
-    args: str = ""
-
-    def payload(self) -> bytes:
-        return _cstr(self.address) + _cstr(self.args)
-
-    @classmethod
-    def parse(cls, payload: bytes) -> "AddRcptPar":
-        parts = _split_cstrs(payload)
-        if not parts or len(parts) > 2:
-            raise MilterProtocolError("ADDRCPT_PAR: malformed")
-        return cls(parts[0], parts[1] if len(parts) > 1 else "")
+    LABEL: ClassVar[str] = "ADDRCPT_PAR"
 
 
 @dataclass(frozen=True)
-class DelRcpt:
+class DelRcpt(_Strings):
     CODE: ClassVar[bytes] = b"-"
+    LABEL: ClassVar[str] = "DELRCPT"
     address: str
-
-    def payload(self) -> bytes:
-        return _cstr(self.address)
-
-    @classmethod
-    def parse(cls, payload: bytes) -> "DelRcpt":
-        return cls(*_need_strings(payload, 1, "DELRCPT"))
 
 
 @dataclass(frozen=True)
-class ChangeFrom:
+class ChangeFrom(_AddressWithArgs):
     CODE: ClassVar[bytes] = b"e"
-    address: str
-    args: str = ""
+    LABEL: ClassVar[str] = "CHGFROM"
 
     def payload(self) -> bytes:
         return _cstr(self.address) + (_cstr(self.args) if self.args else b"")
-
-    @classmethod
-    def parse(cls, payload: bytes) -> "ChangeFrom":
-        parts = _split_cstrs(payload)
-        if not parts or len(parts) > 2:
-            raise MilterProtocolError("CHGFROM: malformed")
-        return cls(parts[0], parts[1] if len(parts) > 1 else "")
 
 
 #: Final verdicts end the wait for a reply; everything else is a modification
