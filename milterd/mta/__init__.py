@@ -4,7 +4,8 @@ It plays the part Postfix or Sendmail plays in production, on loopback and
 without root: an ESMTP server with STARTTLS and client certificates
 (:mod:`.server`, on aiosmtpd), a milter protocol v6 client that speaks to a
 milter exactly as an MTA does (:mod:`.milter_client`, :mod:`.milter_codec`),
-a durable queue (:mod:`.queue`), Maildir delivery and SMTP relay with a
+the message and its header edits (:mod:`.message`), a durable queue
+(:mod:`.queue`), Maildir delivery and SMTP relay with a
 Domain Security send policy (:mod:`.delivery`), and an Exchange-style
 protocol log (:mod:`.protocol_log`). TLS macros follow Sendmail's dialect
 (``{verify}``, ``{cert_subject}``, ``{cn_subject}``, ``{cert_fp}`` ...).

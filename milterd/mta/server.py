@@ -33,8 +33,8 @@ from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 from . import milter_codec as mc
 from .config import MtaConfig
 from .delivery import DeliveryAgent, OutboundCallback
-from .milter_client import (STAGE_CONTINUE, HeaderField, MilterClientSession, StageResult,
-                            apply_header_modifications)
+from .message import HeaderField, apply_header_modifications, render_message, split_message
+from .milter_client import STAGE_CONTINUE, MilterClientSession, StageResult
 from .protocol_log import ProtocolLog, SessionLog
 from .queue import MailQueue, new_queue_id
 from .tls import CertFacts, TlsHandshakeFacts, facts_from_ssl, load_ca_certs, local_cert_facts, \
@@ -76,31 +76,6 @@ class SmtpConnection:
     @property
     def client_name(self) -> str:
         return "[%s]" % self.client_addr  # no DNS on loopback: Sendmail's bracket form
-
-
-def split_message(raw: bytes) -> tuple[list[HeaderField], bytes]:
-    """Split into header fields (raw values, folding kept) and body (CRLF)."""
-    text = raw.replace(b"\r\n", b"\n")
-    head, sep, body = text.partition(b"\n\n")
-    if not sep:
-        if head.startswith(b" ") or b":" not in head.split(b"\n", 1)[0]:
-            head, body = b"", text  # no header block at all
-        else:
-            body = b""
-    headers: list[HeaderField] = []
-    for line in head.split(b"\n") if head else []:
-        s = line.decode("utf-8", "surrogateescape")
-        if s[:1] in (" ", "\t") and headers:
-            headers[-1].value += "\n" + s
-        elif ":" in s:
-            name, _, value = s.partition(":")
-            headers.append(HeaderField(name, value))
-        # a malformed line is dropped, as Postfix's cleanup would reject it
-    return headers, body.replace(b"\n", b"\r\n")
-
-
-def render_message(headers: list[HeaderField], body: bytes) -> bytes:
-    return b"".join(h.render() for h in headers) + b"\r\n" + body
 
 
 class MtaSMTP(SMTP):

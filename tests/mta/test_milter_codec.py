@@ -11,7 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from milterd.mta import milter_codec as mc
-from milterd.mta.milter_client import HeaderField, SocketSpec, apply_header_modifications
+from milterd.mta.message import HeaderField, apply_header_modifications
+from milterd.mta.milter_client import SocketSpec
 
 
 def pkt(code: bytes, payload: bytes = b"") -> bytes:
