@@ -151,6 +151,12 @@ def _stored_forms(text: str) -> list[str]:
     Comments are found honouring quoted-strings and quoted-pairs and, for a reader that does not,
     ignoring them."""
     out = []
+    if _COMMENT_SPECIALS.search(text):
+        # Comment and quote punctuation as mere separators (comments kept as text): whatever a
+        # reader's idea of nesting, quoting and escaping, a domain after "@" and punctuation is seen.
+        separated = _COMMENT_SPECIALS.sub(" ", text)
+        out.append(separated)
+        out.append(_WS_AROUND.sub("", separated))
     plain = text.replace('"', "").replace("\\", "")
     for base in ((text, plain) if plain != text else (text,)):
         for replacement, nested in (_COMMENT_READINGS if "(" in base else (("", True),)):
