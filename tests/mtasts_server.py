@@ -1,74 +1,19 @@
-"""Test CA (made with ``cryptography``) and a loopback HTTPS server serving MTA-STS policies.
+"""A loopback HTTPS server serving MTA-STS policies (certificates from :mod:`milterd.lab.pki`).
 
-    ca = TestCA(tmp_path)
-    cert, key = ca.issue(["mta-sts.sts.test"])
-    with PolicyServer(cert, key) as srv:
+    sts = TestPKI(tmp_path).issue("mta-sts", "mta-sts.sts.test")
+    with PolicyServer(sts.cert_path, sts.key_path) as srv:
         srv.routes["mta-sts.sts.test"] = (200, {"Content-Type": "text/plain"}, b"version: STSv1...")
         srv.port
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
-__all__ = ["TestCA", "PolicyServer"]
-
-
-class TestCA:
-    __test__ = False  # not a pytest test class
-
-    def __init__(self, directory: Path, name: str = "milterd test CA") -> None:
-        self.dir = Path(directory)
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        now = _dt.datetime.now(_dt.timezone.utc)
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        self.cert = (
-            x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
-            .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - _dt.timedelta(hours=1))
-            .not_valid_after(now + _dt.timedelta(days=2))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False),
-                           critical=True)
-            .sign(self.key, hashes.SHA256())
-        )
-        self.ca_file = self.dir / "ca.pem"
-        self.ca_file.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
-
-    def issue(self, names: list[str], *, expired: bool = False) -> tuple[Path, Path]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = _dt.datetime.now(_dt.timezone.utc)
-        start, end = ((now - _dt.timedelta(days=3), now - _dt.timedelta(days=1)) if expired
-                      else (now - _dt.timedelta(hours=1), now + _dt.timedelta(days=1)))
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
-            .issuer_name(self.cert.subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(start).not_valid_after(end)
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]),
-                           critical=False)
-            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]),
-                           critical=False)
-            .sign(self.key, hashes.SHA256())
-        )
-        stem = names[0].replace("*", "_")
-        cert_path = self.dir / f"{stem}.crt"
-        key_path = self.dir / f"{stem}.key"
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                               serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
-        return cert_path, key_path
+__all__ = ["PolicyServer"]
 
 
 class PolicyServer:

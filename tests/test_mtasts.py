@@ -10,7 +10,8 @@ from dns_server import DnsServer
 from milterd.outbound.dns import DnsClient
 from milterd.outbound.mtasts import (MtaStsClient, StsError, StsPolicy, parse_sts_policy,
                                      parse_sts_txt)
-from mtasts_server import PolicyServer, TestCA
+from milterd.lab.pki import TestPKI
+from mtasts_server import PolicyServer
 
 ENFORCE = (b"version: STSv1\r\nmode: enforce\r\nmx: mx1.sts.test\r\nmx: *.backup.sts.test\r\n"
            b"max_age: 86400\r\n")
@@ -70,15 +71,16 @@ class Clock:
 
 @pytest.fixture
 def env(tmp_path):
-    ca = TestCA(tmp_path)
-    cert, key = ca.issue(["mta-sts.sts.test", "mta-sts.other.test"])
+    ca = TestPKI(tmp_path)
+    sts = ca.issue("mta-sts", "mta-sts.sts.test", sans=["mta-sts.sts.test", "mta-sts.other.test"])
+    cert, key = sts.cert_path, sts.key_path
     with DnsServer() as dns_srv, PolicyServer(cert, key) as web:
         dns_srv.add("_mta-sts.sts.test", "TXT", ['"v=STSv1; id=one;"'])
         web.routes["mta-sts.sts.test"] = (200, {"Content-Type": "text/plain; charset=utf-8"}, ENFORCE)
         clock = Clock()
         dns = DnsClient(["127.0.0.1"], port=dns_srv.port, timeout=0.3, lifetime=0.6)
         override = {f"mta-sts.{d}": ("127.0.0.1", web.port) for d in ("sts.test", "other.test")}
-        client = MtaStsClient(dns, ca_file=str(ca.ca_file), address_override=override,
+        client = MtaStsClient(dns, ca_file=str(ca.ca_path), address_override=override,
                               fetch_timeout=3.0, clock=clock)
         yield dns_srv, web, client, clock, ca, override, dns
 
@@ -157,15 +159,13 @@ def test_chunked_body_and_size_limit_without_length(env):
 def test_untrusted_and_wrong_name_certificates(env, tmp_path):
     dns_srv, web, client, clock, ca, override, dns = env
     # a client trusting a different CA: webpki failure
-    other_dir = tmp_path / "other"
-    other_dir.mkdir()
-    other_ca = TestCA(other_dir, "other CA")
-    c2 = MtaStsClient(dns, ca_file=str(other_ca.ca_file), address_override=override, clock=clock)
+    other_ca = TestPKI(tmp_path / "other", "other CA")
+    c2 = MtaStsClient(dns, ca_file=str(other_ca.ca_path), address_override=override, clock=clock)
     res = run(c2.lookup("sts.test"))
     assert res.status == "error" and res.error == "sts-webpki-invalid"
     # right CA, but the server's certificate does not name mta-sts.wrong.test
     dns_srv.add("_mta-sts.wrong.test", "TXT", ['"v=STSv1; id=w;"'])
-    c3 = MtaStsClient(dns, ca_file=str(ca.ca_file),
+    c3 = MtaStsClient(dns, ca_file=str(ca.ca_path),
                       address_override={"mta-sts.wrong.test": ("127.0.0.1", web.port)}, clock=clock)
     res = run(c3.lookup("wrong.test"))
     assert res.status == "error" and res.error == "sts-webpki-invalid"
@@ -180,7 +180,7 @@ def test_fetch_time_limit(env):
     silent.bind(("127.0.0.1", 0))
     silent.listen(1)
     try:
-        c = MtaStsClient(dns, ca_file=str(ca.ca_file), fetch_timeout=0.5, clock=clock,
+        c = MtaStsClient(dns, ca_file=str(ca.ca_path), fetch_timeout=0.5, clock=clock,
                          address_override={"mta-sts.sts.test": silent.getsockname()})
         t0 = time.monotonic()
         res = run(c.lookup("sts.test"))
@@ -192,7 +192,7 @@ def test_fetch_time_limit(env):
 
 def test_cache_is_bounded(env):
     dns_srv, web, client, clock, ca, override, dns = env
-    small = MtaStsClient(dns, ca_file=str(ca.ca_file), address_override=override, clock=clock,
+    small = MtaStsClient(dns, ca_file=str(ca.ca_path), address_override=override, clock=clock,
                          cache_size=1)
     dns_srv.add("_mta-sts.other.test", "TXT", ['"v=STSv1; id=o;"'])
     web.routes["mta-sts.other.test"] = (200, {"Content-Type": "text/plain"}, ENFORCE)

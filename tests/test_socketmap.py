@@ -12,7 +12,8 @@ from milterd.outbound.mtasts import MtaStsClient
 from milterd.outbound.socketmap import SocketmapServer, encode_netstring
 from milterd.outbound.dns import DnsClient
 from milterd.outbound.tlspolicy import PolicyAnswer, PolicyResolver
-from mtasts_server import PolicyServer, TestCA
+from milterd.lab.pki import TestPKI
+from mtasts_server import PolicyServer
 
 TLSA = "3 1 1 " + "ab" * 32
 
@@ -67,8 +68,9 @@ class Client:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("socketmap")
-    ca = TestCA(tmp)
-    cert, key = ca.issue(["mta-sts.sts.test", "mta-sts.testing.test"])
+    ca = TestPKI(tmp)
+    sts = ca.issue("mta-sts", "mta-sts.sts.test", sans=["mta-sts.sts.test", "mta-sts.testing.test"])
+    cert, key = sts.cert_path, sts.key_path
     with DnsServer() as dns_srv, PolicyServer(cert, key) as web:
         dns_srv.add("dane.test", "MX", ["10 mx.dane.test."], ad=True)
         dns_srv.add("_25._tcp.mx.dane.test", "TLSA", [TLSA], ad=True)
@@ -84,7 +86,7 @@ def server(tmp_path_factory):
         for name in ("partner.test", "x.group.test", "timeout.test"):
             dns_srv.drop(name)
         dns = DnsClient(["127.0.0.1"], port=dns_srv.port, timeout=0.3, lifetime=0.6)
-        sts = MtaStsClient(dns, ca_file=str(ca.ca_file), address_override={
+        sts = MtaStsClient(dns, ca_file=str(ca.ca_path), address_override={
             f"mta-sts.{d}": ("127.0.0.1", web.port) for d in ("sts.test", "testing.test")})
         resolver = PolicyResolver(["partner.test", ".group.test"], "TLSv1.2", dns, sts)
         handle = SocketmapServer(resolver, "127.0.0.1", 0, max_request=300).start_in_thread()

@@ -10,7 +10,8 @@ from dns_server import DnsServer
 from milterd.outbound.mtasts import MtaStsClient, StsLookup, StsPolicy
 from milterd.outbound.dns import DnsClient
 from milterd.outbound.tlspolicy import NextHop, PolicyResolver, parse_nexthop
-from mtasts_server import PolicyServer, TestCA
+from milterd.lab.pki import TestPKI
+from mtasts_server import PolicyServer
 
 TLSA = "3 1 1 " + "ab" * 32
 ENFORCE = b"version: STSv1\nmode: enforce\nmx: mx.sts.test\nmx: *.sts.test\nmax_age: 86400\n"
@@ -101,8 +102,9 @@ class Clock:
 
 @pytest.fixture
 def stack(tmp_path):
-    ca = TestCA(tmp_path)
-    cert, key = ca.issue(["mta-sts.sts.test"])
+    ca = TestPKI(tmp_path)
+    sts = ca.issue("mta-sts", "mta-sts.sts.test")
+    cert, key = sts.cert_path, sts.key_path
     with DnsServer() as srv, PolicyServer(cert, key) as web:
         # DANE: all MX with TLSA, authenticated
         srv.add("dane.test", "MX", ["10 mx1.dane.test.", "20 mx2.dane.test."], ad=True, ttl=120)
@@ -144,7 +146,7 @@ def stack(tmp_path):
         srv.servfail("servfail.test")
         dns = DnsClient(["127.0.0.1"], port=srv.port, timeout=0.3, lifetime=0.6)
         clock = Clock()
-        sts = MtaStsClient(dns, ca_file=str(ca.ca_file), clock=clock,
+        sts = MtaStsClient(dns, ca_file=str(ca.ca_path), clock=clock,
                            address_override={"mta-sts.sts.test": ("127.0.0.1", web.port)})
 
         def make(**kw):

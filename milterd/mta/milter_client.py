@@ -409,8 +409,3 @@ class MilterClientSession:
                 await asyncio.wait_for(writer.wait_closed(), 2.0)
             except (OSError, asyncio.TimeoutError):
                 pass
-
-
-#: The former name, still imported by tests/test_hostile_macros.py (outside milterd/mta); it
-#: clashed with the milter side's ``MilterSession``.  New code uses :class:`MilterClientSession`.
-MilterSession = MilterClientSession

@@ -22,7 +22,7 @@ import pytest
 from mta_helpers import MilterProc, start_milter, stop_milter, base_config
 
 from milterd.mta.__main__ import MtaThread
-from milterd.lab.pki import TestPKI as TestCA
+from milterd.lab.pki import TestPKI
 
 
 @pytest.fixture(autouse=True)
@@ -55,8 +55,8 @@ def short_dir() -> Iterator[Path]:
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     d = tmp_path_factory.mktemp("pki")
-    ca = TestCA(d, "Milterd Test CA", "Lab", days=30)
-    other = TestCA(d / "other", "Other CA", "Elsewhere", days=30)
+    ca = TestPKI(d, "Milterd Test CA", "Lab", days=30)
+    other = TestPKI(d / "other", "Other CA", "Elsewhere", days=30)
     return SimpleNamespace(
         ca=ca,
         other=other,
