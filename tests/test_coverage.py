@@ -167,6 +167,7 @@ def from_field(draw) -> str:
 
 # -- properties ------------------------------------------------------------------------------------
 
+@pytest.mark.timeout(1800)  # 10,000 examples take ~75 s here; leave room on a busy machine
 @SETTINGS
 @given(st.lists(from_field(), min_size=1, max_size=3))
 def test_any_reader_finding_a_partner_means_covered(values):
@@ -176,6 +177,7 @@ def test_any_reader_finding_a_partner_means_covered(values):
             assert from_covered(values, RECEIVE) == ("woodgrovebank.test",), (v, found)
 
 
+@pytest.mark.timeout(1800)
 @SETTINGS
 @given(st.lists(from_field(), min_size=1, max_size=3))
 def test_several_from_headers_each_read_whole(values):
