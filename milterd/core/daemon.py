@@ -111,17 +111,17 @@ class Daemon:
         self.extra_plugins = extra_plugins
         self.app = App(config)
         self.app.dispatcher = self._build(config)
+        self._config_metrics(config)
         self._services: list[_Service] = []
         self._reload_lock = threading.Lock()
 
     def _build(self, config: Config) -> Dispatcher:
-        dispatcher = build_dispatcher(self.app, config, extra_plugins=self.extra_plugins)
+        return build_dispatcher(self.app, config, extra_plugins=self.extra_plugins)
+
+    def _config_metrics(self, config: Config) -> None:
+        """The series a configuration brings: zeros for its domains, its certificates' expiry."""
         self.app.metrics.prime_domains(config.domain_security.receive_domains,
                                        config.domain_security.send_domains)
-        self._refresh_cert_gauge(config)
-        return dispatcher
-
-    def _refresh_cert_gauge(self, config: Config) -> None:
         from milterd.certs.expiry import certificate_expiry
 
         paths = _configured_cert_paths(config)
@@ -145,8 +145,6 @@ class Daemon:
             try:
                 replaced = self._prepare_listeners(new_config)
             except Exception as exc:
-                # the gauge was refreshed for the refused config: back to the running one's
-                self._refresh_cert_gauge(self.config)
                 return self._refuse_reload(f"{exc} (the running listener, if any, keeps "
                                            "serving)")
             for key, value in RESTART_KEYS:
@@ -174,6 +172,7 @@ class Daemon:
                 if service.name not in changed and hasattr(service.handle, "reconfigure"):
                     service.handle.reconfigure(new_config)
             set_level(new_config)
+            self._config_metrics(new_config)
             self.app.dispatcher = dispatcher  # atomic swap; open sessions keep their own
             self.app.metrics.config_reloads.labels(result="ok").inc()
             log.info("configuration reloaded from %s (plugins: %s)", self.config_path or
@@ -228,6 +227,8 @@ class Daemon:
             if old is None:
                 raise
         # Perhaps the old listener holds the very address: stop it and try once more.
+        log.info("reload: %s: stopping the running listener first (it may hold the new "
+                 "address), and trying again", name)
         self._stop(old)
         try:
             return _Swap(old, self._start_listener(name, new), old_stopped=True)
@@ -285,9 +286,10 @@ class Daemon:
 
             try:
                 handle = start_socketmap(self.app, c)
-            except OSError as exc:
+            except OSError as exc:  # asyncio words it its own way: the errno's text instead
+                reason = os.strerror(exc.errno) if exc.errno else str(exc)
                 raise ListenerError(f"socketmap.listen: cannot listen on {c.socketmap_listen}: "
-                                    f"{exc.strerror or exc}") from None
+                                    f"{reason}") from None
             log.info("TLS policy socketmap on %s", c.socketmap_listen)
         else:
             raise KeyError(name)

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make
 
 from milterd import __version__
 
-log = logging.getLogger("milterd.metrics")
+log = logging.getLogger(__name__)
 
 class Metrics:
     def __init__(self) -> None:

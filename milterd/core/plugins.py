@@ -1,6 +1,6 @@
 """Building a plugin manager: never global, a fresh one per configuration (start and each reload).
 
-Loading order: entry points in the ``milterd.core.plugins`` group (the built-ins are registered there
+Loading order: entry points in the ``milterd.plugins`` group (the built-ins are registered there
 exactly like third-party plugins), minus ``[plugins] disable``, then ``[plugins] modules`` by
 dotted name.  An import failure names the plugin and refuses the configuration.
 """
@@ -17,7 +17,7 @@ import pluggy
 from milterd import hookspecs
 from milterd.core.config import Config
 
-log = logging.getLogger("milterd.plugins")
+log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "milterd.plugins"
 

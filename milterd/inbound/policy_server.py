@@ -428,12 +428,17 @@ def prepare_unix_socket(path: str, *, key: str, group: str | None = None, dir_gi
         if _read_only(parent):
             raise ListenerError(f"{key}: cannot create the socket {path}: {parent} is on a "
                                 "read-only file system (under systemd: ReadWritePaths=)")
+        if "milterd" in parent.name:  # milterd's own directory: fix it
+            fix = _install_dir(parent, group)
+        else:  # a shared one (/run, Postfix's spool): do not widen it, use a subdirectory
+            own = parent / "milterd"
+            fix = (f"give the socket a directory of its own: {_install_dir(own, group)} and set "
+                   f'{key} = "unix:{own / p.name}" (or, if {parent} is milterd\'s alone: '
+                   f"chown {_user_name()} {parent})")
         raise ListenerError(
             f"{key}: cannot create the socket {path}: permission denied for user {user}: it "
-            f"needs write and search permission on {_describe_dir(parent)}. Fix (as root), if "
-            f"{parent} is milterd's alone: chown {_user_name()} {parent} && chmod u+rwx "
-            f"{parent}; otherwise give the socket a directory of its own: "
-            f"{_install_dir(parent / 'milterd', group)} and point {key} there")
+            f"needs write and search permission on {_describe_dir(parent)}. Fix (as root): "
+            f"{fix}")
 
 
 def unix_listener(path: str, group: str | None, *, key: str,
