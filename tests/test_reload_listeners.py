@@ -217,3 +217,66 @@ def test_a_listener_moves_to_another_spelling_of_its_own_address(milterd_factory
     assert f"metrics.listen: cannot listen on [2001:db8::1]:{port}" in line
     assert _reloads(port, "refused") == 1
     assert "could not be restarted" not in proc.log_text()
+
+
+H = "Nov 24 08:25:01 mail postfix/smtp"
+
+
+def _delivery(pid: int, queue_id: str) -> str:
+    """A verified TLS delivery to the send-list domain partner.test, as Postfix logs it."""
+    return (f"{H}[{pid}]: Verified TLS connection established to mx1.partner.test[192.0.2.10]:25:"
+            " TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits)\n"
+            f"{H}[{pid}]: {queue_id}: to=<alice@partner.test>, relay=mx1.partner.test"
+            "[192.0.2.10]:25, delay=0.4, delays=0/0/0.2/0.2, dsn=2.0.0, status=sent (250 ok)\n")
+
+
+def _sent(port: int) -> float:
+    for line in (_metrics(port) or "").splitlines():
+        if line.startswith('milterd_domain_secured_messages_sent_total{domain="partner.test"}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def _wait_sent(port: int, count: float) -> None:
+    deadline = time.monotonic() + 20
+    while _sent(port) < count:
+        assert time.monotonic() < deadline, _sent(port)
+        time.sleep(0.1)
+
+
+def test_maillog_follower_follows_the_reloaded_file(milterd_factory):
+    (port,) = _ports(1)
+    proc = milterd_factory()
+    d: Path = proc.dir
+    first, second = d / "first.log", d / "second.log"
+    first.touch()
+    second.touch()
+
+    def config(maillog: Path) -> str:
+        return _config(proc, metrics=port, extra=(
+            '[domain_security]\nsend_domains = ["partner.test"]\n'
+            f'[outbound]\nmaillog = "{maillog}"\nstate_dir = "{d / maillog.stem}"\n'))
+
+    assert _reload(proc, config(first)) == "ok"
+    with open(first, "a") as f:
+        f.write(_delivery(100, "1A0001"))
+    _wait_sent(port, 1)
+    assert _reload(proc, config(second)) == "ok"
+    assert f"reload: outbound.maillog now follows {second}" in proc.log_text()
+    with open(first, "a") as f:               # no longer followed ...
+        f.write(_delivery(101, "1A0002"))
+    with open(second, "a") as f:              # ... this one is
+        f.write(_delivery(102, "1A0003"))
+    _wait_sent(port, 2)
+    # The old follower was stopped at the reload, before either line was written: exactly 2.
+    assert _sent(port) == 2
+    # A follower that cannot start (its state directory cannot be made): refused, and the
+    # running one, stopped to make way, follows on.
+    bad = config(second).replace(f'state_dir = "{d / "second"}"',
+                                 f'state_dir = "{first}/state"')
+    assert _reload(proc, bad) == "refused"
+    line = next(l for l in proc.log_text().splitlines() if "reload refused" in l)
+    assert f"outbound.maillog: cannot follow {second} (state in {first}/state)" in line
+    with open(second, "a") as f:
+        f.write(_delivery(103, "1A0004"))
+    _wait_sent(port, 3)

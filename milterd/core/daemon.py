@@ -16,10 +16,11 @@ open sessions finish).  libmilter's signal thread never sees a signal.
 
 Reload (SIGHUP) is all or nothing: the new configuration and its plugins are built, and every
 side listener whose settings changed (``[metrics]``, ``[policy]``, ``[socketmap]`` listen, the
-policy socket's group) is started on its new address *before* anything is swapped; if any step
-fails, the reload is refused, the new listeners are closed and the old ones keep serving.  Only
-``[milter] listen``, ``[milter] timeout`` and ``[log] format`` need a restart (libmilter opens its
-socket and reads its timeout once; the log handler is set up once); a change is logged as such.
+policy socket's group) is started on its new address *before* anything is swapped, the maillog
+follower restarted if ``[outbound] maillog``/``state_dir`` changed; if any step fails, the reload
+is refused, the new listeners are closed and the old ones keep serving.  Only ``[milter] listen``,
+``[milter] timeout`` and ``[log] format`` need a restart (libmilter opens its socket and reads its
+timeout once; the log handler is set up once); a change is logged as such.
 """
 
 from __future__ import annotations
@@ -55,8 +56,6 @@ RESTART_KEYS: tuple[tuple[str, Callable[[Config], Any]], ...] = (
     ("milter.listen", lambda c: c.milter.listen),
     ("milter.timeout", lambda c: c.milter.timeout),
     ("log.format", lambda c: c.log.format),
-    ("outbound.maillog", lambda c: c.outbound.maillog),
-    ("outbound.state_dir", lambda c: c.outbound.state_dir),
 )
 
 
@@ -83,6 +82,9 @@ def _listen_text(service: _Service) -> str:
     if service.name == "policy.listen":
         listen, group = settings
         return f"on {listen}" + (f" (group {group})" if group else "")
+    if service.name == "outbound.maillog":
+        maillog, state_dir = settings
+        return f"follows {maillog}" + (f" (state in {state_dir})" if state_dir else "")
     return f"on {settings}"
 
 
@@ -95,10 +97,17 @@ def _settings(name: str, c: Config) -> Any:
         return None if pl is None else (pl, c.policy_group if pl.is_unix else None)
     if name == "socketmap.listen":
         return c.socketmap_listen
+    if name == "outbound.maillog":
+        ob = c.outbound
+        return None if ob.maillog is None else (ob.maillog, ob.state_dir)
     raise KeyError(name)
 
 
-_LISTENERS = ("metrics.listen", "policy.listen", "socketmap.listen")
+# Side services, in start order.  The maillog follower is replaced by stopping the old one first
+# (two followers of one log would count its lines twice), the listeners by starting the new one
+# first (the old one serves until the new one does).
+_LISTENERS = ("metrics.listen", "policy.listen", "socketmap.listen", "outbound.maillog")
+_STOP_FIRST = ("outbound.maillog",)
 
 
 class Daemon:
@@ -188,8 +197,8 @@ class Daemon:
         return next((s for s in self._services if s.name == name), None)
 
     def _prepare_listeners(self, new: Config) -> list[_Swap]:
-        """Start every side listener whose settings changed, on its new settings, before the
-        old one stops; returns the swaps for the commit.  A listener whose new address the old
+        """Start every side service whose settings changed, on its new settings, before the
+        old one stops (the maillog follower: after); returns the swaps for the commit.  A listener whose new address the old
         one still holds (same port, another spelling) is moved by stopping the old one first —
         and restarting it if the new one cannot start.  On any failure every new listener is
         closed again, every old one runs again, and :class:`ListenerError` says which key
@@ -221,14 +230,15 @@ class Daemon:
         return swaps
 
     def _start_replacement(self, name: str, new: Config, old: _Service | None) -> _Swap:
-        try:
-            return _Swap(old, self._start_listener(name, new))
-        except ListenerError:
-            if old is None:
-                raise
-        # Perhaps the old listener holds the very address: stop it and try once more.
-        log.info("reload: %s: stopping the running listener first (it may hold the new "
-                 "address), and trying again", name)
+        if old is None or name not in _STOP_FIRST:
+            try:
+                return _Swap(old, self._start_listener(name, new))
+            except ListenerError:
+                if old is None:
+                    raise
+            # Perhaps the old listener holds the very address: stop it and try once more.
+            log.info("reload: %s: stopping the running listener first (it may hold the new "
+                     "address), and trying again", name)
         self._stop(old)
         try:
             return _Swap(old, self._start_listener(name, new), old_stopped=True)
@@ -256,8 +266,6 @@ class Daemon:
             for name in _LISTENERS:
                 if _settings(name, c) is not None:
                     self._services.append(self._start_listener(name, c))
-            if c.outbound.maillog:
-                self._start_maillog(c)
         except BaseException:
             self._stop_side_servers()
             raise
@@ -291,6 +299,16 @@ class Daemon:
                 raise ListenerError(f"socketmap.listen: cannot listen on {c.socketmap_listen}: "
                                     f"{reason}") from None
             log.info("TLS policy socketmap on %s", c.socketmap_listen)
+        elif name == "outbound.maillog":
+            from milterd.outbound.service import start_maillog_follower
+
+            try:
+                handle = start_maillog_follower(self.app, c)
+            except OSError as exc:
+                raise ListenerError(f"outbound.maillog: cannot follow {c.outbound.maillog} "
+                                    f"(state in {c.outbound.state_dir or 'its directory'}): "
+                                    f"{exc.strerror or exc}") from None
+            log.info("following %s for outbound TLS results", c.outbound.maillog)
         else:
             raise KeyError(name)
         return _Service(name, _settings(name, c), handle)
@@ -305,14 +323,6 @@ class Daemon:
         for s in self._services:
             self._stop(s)
         self._services.clear()
-
-    def _start_maillog(self, c: Config) -> None:
-        from milterd.outbound.service import start_maillog_follower
-
-        self._services.append(_Service("outbound.maillog", (c.outbound.maillog,
-                                                            c.outbound.state_dir),
-                                       start_maillog_follower(self.app, c)))
-        log.info("following %s for outbound TLS results", c.outbound.maillog)
 
     # -- the milter socket ---------------------------------------------------------------------
     def _open_milter_socket(self, c: Config) -> None:
