@@ -112,13 +112,15 @@ log "installing the pinned dependencies"
 "${pip[@]}" install --no-index --find-links "$wheels" --require-hashes --only-binary :all: \
   -r "$src/packaging/requirements.txt" || die "installing packaging/requirements.txt failed"
 
+# setuptools (>= 70.1 has bdist_wheel itself): to build milterd's wheel below, and pymilter's
+# when .cache/libmilter holds none yet (a stock venv's pip 23.0.1 has no `wheel` package).
+"${pip[@]}" install --no-index --find-links "$wheels" --require-hashes --only-binary :all: \
+  -r "$src/packaging/build-requirements.txt" || die "installing setuptools failed"
 log "pymilter with the thread-per-connection libmilter (scripts/build-libmilter.sh)"
 # The work tree's script (its cache, .cache/libmilter, lives beside it).
 bash "$repo/scripts/build-libmilter.sh" "$venv" || die "scripts/build-libmilter.sh failed"
 
 log "building milterd $version from ${ref:-the work tree}"
-"${pip[@]}" install --no-index --find-links "$wheels" --require-hashes --only-binary :all: \
-  -r "$src/packaging/build-requirements.txt" || die "installing setuptools failed"
 "${pip[@]}" wheel --no-deps --no-build-isolation -w "$work/whl" "$src" >/dev/null ||
   die "building milterd's wheel failed"
 "${pip[@]}" install --no-index --no-deps "$work"/whl/milterd-*.whl || die "installing milterd failed"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up of everything milterd and its tests need on a fresh Debian machine:
 # Debian's postfix (never started by the package), libmilter-dev (for pymilter), swaks, openssl,
+# the tools to build and test the Debian package (systemd-nspawn, debootstrap, dpkg-dev),
 # and a virtualenv at .venv with milterd installed in editable mode plus the test extras, whose
 # pymilter is linked to a thread-per-connection libmilter (scripts/build-libmilter.sh: Debian's
 # worker-pool build costs milterd ~30% more CPU per message; README "Performance").
@@ -10,8 +11,12 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 
+# systemd-container (systemd-nspawn), debootstrap (+ keyring, gpgv), dpkg-dev: the Debian package
+# (scripts/build-deb.sh) and its test on a pristine Debian 12 booted under systemd
+# (tests/test_deb_package.py); util-linux gives nsenter, mount handles the overlays.
 need_pkgs=(postfix libmilter-dev swaks openssl gcc libc6-dev m4 make binutils patch xz-utils curl
-           iproute2 procps prometheus systemd python3 python3-venv python3-dev)
+           iproute2 procps prometheus systemd python3 python3-venv python3-dev
+           systemd-container debootstrap debian-archive-keyring gpgv dpkg-dev util-linux mount)
 missing=()
 for p in "${need_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
