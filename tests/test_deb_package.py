@@ -21,7 +21,8 @@ What the slow tests do, once per MTA:
    self-signed certificate with the partner's name is refused, an ordinary sender is delivered;
    ``systemctl reload milterd`` with a broken config keeps mail flowing; ``systemctl restart
    milterd`` under traffic loses nothing (every message is delivered exactly once, stamped, or
-   retried after a 4xx like an MTA would).
+   retried after a 4xx like an MTA would).  Last, on the Sendmail host, Postfix installed after
+   milterd still gets milterd's socket directory (the package's dpkg trigger).
 
 Needs root, ``systemd-nspawn`` (systemd-container), ``debootstrap`` and overlayfs
 (``scripts/setup.sh`` installs the tools).  A test that cannot provision fails; it never skips.
@@ -233,6 +234,7 @@ def debian_root(deb: Path) -> Path:
     root = CACHE / f"root-{SUITE}-{key}"
     stamp = root / ".milterd-test-root"
     with _locked(CACHE / ".lock"):
+        _remove_stale_runs()
         if stamp.is_file():
             return root
         tmp = CACHE / f"root-{SUITE}-{key}.tmp"
@@ -264,6 +266,19 @@ def debian_root(deb: Path) -> Path:
             if old != root and not any(p.is_mount() for p in CACHE.glob("runs/*/merged")):
                 shutil.rmtree(old, ignore_errors=True)
     return root
+
+
+def _remove_stale_runs() -> None:
+    """Overlays left by a test process that died (runs/<name>-<pid>, that pid gone)."""
+    for d in CACHE.glob("runs/*-*"):
+        pid = d.name.rsplit("-", 1)[1]
+        if not pid.isdigit() or Path(f"/proc/{pid}").exists():
+            continue
+        merged = d / "merged"
+        if merged.is_mount() and subprocess.run(["umount", str(merged)],
+                                                capture_output=True).returncode:
+            continue   # still in use (a container of that run still up): leave it
+        shutil.rmtree(d, ignore_errors=True)
 
 
 # ---- a booted container ------------------------------------------------------------------------
@@ -809,3 +824,21 @@ def test_sendmail_restart_under_traffic_loses_nothing(sendmail_host: MailHost):
     # Debian's Sendmail delivers each message through procmail, which serialises on the
     # mailbox lock: a lighter load than Postfix's keeps delivery within the test's budget.
     check_restart_under_traffic(sendmail_host, seconds=8, threads=2, pause=0.1)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(SLOW_TIMEOUT)
+def test_postfix_installed_after_milterd_gets_its_socket_directory(sendmail_host: MailHost):
+    """The package's trigger on /usr/sbin/postfix: Postfix arriving later (here replacing
+    Sendmail, after the Sendmail tests) still gets milterd's socket directory, and milterd its
+    membership of group postfix, without reinstalling milterd."""
+    c = sendmail_host.c
+    assert not c.path(SPOOL_SOCKDIR).exists()
+    c.sh("debconf-set-selections <<'EOF'\n"
+         "postfix postfix/main_mailer_type select Internet Site\n"
+         "postfix postfix/mailname string contoso.test\nEOF\n"
+         "DEBIAN_FRONTEND=noninteractive apt-get install -y postfix >/tmp/postfix.log 2>&1 || "
+         "{ cat /tmp/postfix.log; exit 1; }", timeout=600, what="apt-get install postfix")
+    assert c.sh(f"stat -c '%U:%G %a' {SPOOL_SOCKDIR}").stdout.strip() == "milterd:postfix 2750"
+    assert "postfix" in c.sh("id -nG milterd").stdout.split()
+    assert c.sh("systemctl is-active milterd", check=False).stdout.strip() == "active"
