@@ -444,3 +444,92 @@ def test_text_lines_name_the_connection():
     assert fmt.format(record).endswith("milterd.core.app: conn=c42 plugin x failed")
     record.conn = None
     assert fmt.format(record).endswith("milterd.core.app: plugin x failed")
+
+
+def test_internal_error_where_the_mta_does_not_wait_is_answered_once_at_end_of_message(
+        monkeypatch, caplog):
+    app = make_app()  # no MAIL or RCPT hook: both negotiated "no reply"
+    mta = Mta(app, monkeypatch)
+    assert mta.protocol & Milter.P_NR_MAIL and mta.protocol & Milter.P_NR_RCPT
+    mta.connect()
+    mta.helo()
+    _arm(monkeypatch, milter_adapter, "from_macros")
+    assert mta.mail() == Milter.NOREPLY
+    assert mta.rcpt() == Milter.NOREPLY
+    assert mta.header("Subject", "x") == Milter.NOREPLY
+    assert mta.eom() == Milter.TEMPFAIL
+    assert mta.ctx.replies == [LOCAL_PROBLEM] and not mta.stamped()
+    assert errors(app, "milterd", "envfrom") == 1
+    assert errors(app, "milterd", "envrcpt") == errors(app, "milterd", "eom") == 0
+    assert [r.conn for r in caplog.records if "internal error in envfrom" in r.getMessage()] \
+        == [mta.conn]
+    assert "at the next stage the MTA waits for" in caplog.text
+    # The next transaction on the connection is served.
+    assert mta.transaction() == ("eom", Milter.CONTINUE) and mta.stamped()
+    mta.close()
+    assert app.open_sessions == 0
+
+
+class Recorder:
+    """Implements every hook; records which were called and the config each one got."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object]] = []
+
+    @hookimpl
+    def milterd_configure(self, config):
+        self.calls.append(("milterd_configure", config))
+
+    @hookimpl
+    def milterd_connect(self, config):
+        self.calls.append(("milterd_connect", config))
+
+    @hookimpl
+    def milterd_helo(self, config):
+        self.calls.append(("milterd_helo", config))
+
+    @hookimpl
+    def milterd_mail_from(self, config):
+        self.calls.append(("milterd_mail_from", config))
+
+    @hookimpl
+    def milterd_rcpt_to(self, config):
+        self.calls.append(("milterd_rcpt_to", config))
+
+    @hookimpl
+    def milterd_end_of_message(self, config):
+        self.calls.append(("milterd_end_of_message", config))
+
+    @hookimpl
+    def milterd_header_edits(self, config):
+        self.calls.append(("milterd_header_edits", config))
+        return []
+
+    @hookimpl
+    def milterd_message_done(self, config):
+        self.calls.append(("milterd_message_done", config))
+
+    @hookimpl
+    def milterd_close(self, config):
+        self.calls.append(("milterd_close", config))
+
+
+def test_every_hook_is_called_with_the_config_the_session_started_with(monkeypatch):
+    from milterd import hookspecs
+
+    recorder = Recorder()
+    app = make_app("", ("recorder", recorder))
+    started_with = app.dispatcher.config
+    mta = Mta(app, monkeypatch)
+    mta.connect()
+    mta.helo()
+    # A reload replaces the live configuration and the dispatcher for new sessions ...
+    new = parse_config('[stamp]\nheader = "X-Other"\n')
+    app.config = new
+    app.dispatcher = build_dispatcher(app, new, extra_plugins=(("recorder", Recorder()),))
+    # ... this session keeps its own, down to every hook's config argument.
+    assert mta.transaction() == ("eom", Milter.CONTINUE) and mta.stamped()
+    mta.close()
+    specs = {n for n in dir(hookspecs) if n.startswith("milterd_")}
+    assert {name for name, _config in recorder.calls} == specs
+    assert all(config is started_with for _name, config in recorder.calls)

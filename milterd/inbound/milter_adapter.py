@@ -239,13 +239,16 @@ class MilterSession(Milter.Base):
         start = time.perf_counter()
         self._transaction_error = None
         self._finish_refused()
+        # The transaction exists from here on, so that a failure below (kept for end of message
+        # when the MTA does not wait at MAIL) is answered there, once.
+        self.message = message = Message(sender=mailfrom)
+        self._header_count = 0
+        self._rcpt_refusal = None
         raw = tuple(map(self._symval, _ENVFROM_MACROS))
+        message.queue_id = raw[_N_TLS] or None
         if self.connection.client_address is None:
             self._client_from_macros(raw[_N_TLS + 1:])
         self._refresh_tls(raw[:_N_TLS])
-        self.message = Message(sender=mailfrom, queue_id=raw[_N_TLS] or None)
-        self._header_count = 0
-        self._rcpt_refusal = None
         pending = self._connection_error
         if not self._mail_hooks:
             if pending is None or self._protocol & P_NR_MAIL:
