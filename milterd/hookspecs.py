@@ -160,9 +160,9 @@ def milterd_header_edits(app: App, config: Config, connection: Connection,
 def milterd_message_done(app: App, config: Config, connection: Connection, message: Message,
                          verdict: Verdict) -> None:
     """Called exactly once per transaction that reached a verdict: refused at MAIL FROM or at
-    every RCPT TO (then ``message.recipients`` is empty), or decided at end of message.  Not called for a transaction
-    the client aborted (RSET, QUIT or disconnect before end of data).  For counters and logs:
-    counting here counts each message once.
+    every RCPT TO (then ``message.recipients`` is empty), or decided at end of message.  Not
+    called for a transaction the client aborted (RSET, QUIT or disconnect before end of data).
+    For counters and logs: counting here counts each message once.
 
     :param verdict: the final, composed verdict.
     :return: None.

@@ -198,9 +198,9 @@ class Daemon:
 
     def _prepare_listeners(self, new: Config) -> list[_Swap]:
         """Start every side service whose settings changed, on its new settings, before the
-        old one stops (the maillog follower: after); returns the swaps for the commit.  A listener whose new address the old
-        one still holds (same port, another spelling) is moved by stopping the old one first —
-        and restarting it if the new one cannot start.  On any failure every new listener is
+        old one stops (the maillog follower: after); returns the swaps for the commit.  A
+        listener whose new address the old one still holds (same port, another spelling) is
+        moved by stopping the old one first — and restarting it if the new one cannot start.  On any failure every new listener is
         closed again, every old one runs again, and :class:`ListenerError` says which key
         failed and why."""
         swaps: list[_Swap] = []

@@ -496,7 +496,8 @@ def _group_refused(group_key: str, path: str, group: str | None) -> str:
 
 
 def set_socket_group(path: str, group: str | None, *, group_key: str) -> None:
-    """Give an existing socket to ``group`` ("" / None: leave it); errors as :func:`unix_listener`'s."""
+    """Give an existing socket to ``group`` ("" / None: leave it); errors as
+    :func:`unix_listener`'s."""
     if not group:
         return
     try:
