@@ -20,7 +20,7 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd) || die "cannot locate the 
 cache=$repo/.cache/libmilter
 dl=$cache/downloads
 prefix=$cache/prefix            # lib/libmilter.a (alone, so -L finds no .so) + include/libmilter
-wheels=$cache/wheels
+wheels=$cache/wheels/interp-kept   # a new folder when the pymilter patch changes
 
 SM=8.17.1.9
 DEBREV=2+deb12u2                # the libmilter1.0.1/libmilter-dev version installed on Debian 12
@@ -129,8 +129,17 @@ if [ -z "$wheel" ]; then
   tmp=$(mktemp -d "$cache/wheel.XXXXXX")
   # LDFLAGS go before setup.py's -L/usr/lib/libmilter, and $prefix/lib holds only the .a, so
   # -lmilter resolves to it; -I picks the matching headers.
+  tar -xzf "$dl/$PYMILTER" -C "$tmp" || die "cannot unpack $PYMILTER"
+  # pymilter's milter_main() sets its interpreter pointer to NULL when smfi_main() returns; with
+  # one thread per connection, sessions outlive smfi_main() (milterd's graceful stop waits for
+  # them), and a callback that starts then calls PyThreadState_New(NULL): SIGSEGV on a restart
+  # under traffic.  Keep the pointer (milterd calls main() once per process).
+  src=$tmp/${PYMILTER%.tar.gz}
+  grep -q '^  interp = NULL;$' "$src/miltermodule.c" || die "pymilter patch: 'interp = NULL;' not found"
+  sed -i 's|^  interp = NULL;$|  /* interp kept: sessions may outlive smfi_main() (milterd build-libmilter.sh) */|' \
+    "$src/miltermodule.c"
   LDFLAGS="-L$prefix/lib" CFLAGS="-I$prefix/include" \
-    "$py" -m pip wheel -q --no-deps --no-cache-dir -w "$tmp" "$dl/$PYMILTER" >"$cache/wheel.log" 2>&1 ||
+    "$py" -m pip wheel -q --no-deps --no-cache-dir -w "$tmp" "$src" >"$cache/wheel.log" 2>&1 ||
     die "pymilter wheel build failed; see $cache/wheel.log"
   w=$(ls "$tmp"/pymilter-*.whl) || die "no wheel in $tmp"
   "$py" -c 'import sys, zipfile; z = zipfile.ZipFile(sys.argv[1])
