@@ -18,7 +18,6 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import NoEncryption, pkcs12
 from cryptography.x509.oid import NameOID
 
-from milterd.certs import tool as certtool_compat
 from milterd.certs.check import check_certificate
 from milterd.certs.cli import register
 from milterd.certs.common import CertError
@@ -645,13 +644,3 @@ def test_check_through_the_milterd_command(tmp_path: Path, pki) -> None:
     assert (proc.returncode, proc.stdout) == (0, "OK\n"), proc.stderr
     proc = subprocess.run(base + ["--purpose", "client"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and proc.stdout.startswith("purpose: "), proc.stdout + proc.stderr
-
-
-def test_old_import_path_still_serves_the_cli_and_the_daemon() -> None:
-    """``milterd/cli.py`` loads ``register`` from ``milterd.certs.tool`` by name and the daemon
-    imports ``certificate_expiry`` from it: both stay there, as the split modules' own objects."""
-    assert certtool_compat.register is register
-    assert certtool_compat.certificate_expiry is certificate_expiry
-    assert certtool_compat.CertError is CertError
-    assert certtool_compat.check_certificate is check_certificate
-    assert certtool_compat.parse_verify_output is parse_verify_output

@@ -20,5 +20,4 @@ Modules:
   ``openssl``, which runs ``openssl verify``, and ``explain``, which words its errors);
 * ``expiry`` — the rows behind the daemon's certificate-expiry gauge;
 * ``cli`` — ``register``, the argparse wiring;
-* ``tool`` — the former single module's import path (re-exports only).
 """

@@ -44,8 +44,8 @@ from milterd.core.config import Config, ConfigError, load_config
 from milterd.core.logs import set_level, setup_logging
 from milterd.core.metrics import MetricsServer
 from milterd.inbound.milter_adapter import LIBMILTER_MODE, session_class
-from milterd.inbound.policy_server import (ListenerError, PolicyServer, prepare_unix_socket,
-                                           set_socket_group, whoami)
+from milterd.core.listeners import ListenerError, prepare_unix_socket, set_socket_group, whoami
+from milterd.inbound.policy_server import PolicyServer
 
 log = logging.getLogger(__name__)
 

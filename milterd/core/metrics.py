@@ -102,12 +102,12 @@ class MetricsServer:
 
     ``host`` is an IPv4 or IPv6 literal (``::1``, no brackets) or a name, bound with the family
     it has (wsgiref alone binds IPv4 only).  A bind failure raises
-    :class:`~milterd.inbound.policy_server.ListenerError` naming ``metrics.listen``.
+    :class:`~milterd.core.listeners.ListenerError` naming ``metrics.listen``.
     """
 
     def __init__(self, metrics: Metrics, host: str, port: int):
         from milterd.core.config import listen_family
-        from milterd.inbound.policy_server import ListenerError
+        from milterd.core.listeners import ListenerError
 
         app = make_wsgi_app(metrics.registry)
         where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
