@@ -43,16 +43,15 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from milterd.lab.metrics import scrape
+from milterd.lab.net import free_port, wait_for_port, wait_for_unix_socket
+from milterd.lab.postfix import PostfixLab
+from milterd.lab.proc import MilterdProcess
 
-from milterd.lab.net import free_port, wait_for_port, wait_for_unix_socket  # noqa: E402
-from milterd.lab.postfix import PostfixLab  # noqa: E402
-from milterd.lab.proc import MilterdProcess  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
 SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
@@ -140,19 +139,18 @@ class Proc:
 
 
 # -- metrics histogram -------------------------------------------------------------------------
-_BUCKET = re.compile(r'^milterd_callback_duration_seconds_bucket\{(.*)\} (\S+)$')
+_BUCKET = re.compile(r'^milterd_callback_duration_seconds_bucket\{(.*)\}$')
 
 
 def scrape_buckets(port: int) -> dict[tuple[str, float], float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     out = {}
-    for line in text.splitlines():
-        m = _BUCKET.match(line)
+    for key, value in scrape(port).items():
+        m = _BUCKET.match(key)
         if not m:
             continue
         labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
         le = float("inf") if labels["le"] == "+Inf" else float(labels["le"])
-        out[(labels["stage"], le)] = float(m.group(2))
+        out[(labels["stage"], le)] = value
     return out
 
 

@@ -15,15 +15,11 @@ from __future__ import annotations
 import argparse
 import re
 import statistics
-import sys
 import time
 from email.utils import getaddresses
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from milterd.policy import coverage  # noqa: E402
-from milterd.policy.names import address_domain, domain_listed  # noqa: E402
+from milterd.policy import coverage
+from milterd.policy.names import address_domain, domain_listed
 
 RECEIVE = ("woodgrovebank.test", ".woodgrovebank.test", "contoso.test")
 

@@ -20,11 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from milterd.lab.net import free_port, wait_for_port  # noqa: E402
-from milterd.lab.postfix import PostfixLab  # noqa: E402
-from milterd.lab.proc import MilterdProcess  # noqa: E402
+from milterd.lab.net import free_port, wait_for_port
+from milterd.lab.postfix import PostfixLab
+from milterd.lab.proc import MilterdProcess
 
 
 def rss_kib(pid: int) -> int:

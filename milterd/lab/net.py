@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import socket
-import time
 from pathlib import Path
+from typing import Callable, Optional
+
+from milterd.lab.wait import wait_until
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -13,25 +15,57 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def wait_for_port(host: str, port: int, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=1):
-                return True
-        except OSError:
-            time.sleep(0.05)
-    return False
+def port_accepts(host: str, port: int) -> bool:
+    """True if a TCP connection to ``host``:``port`` succeeds now."""
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
 
 
-def wait_for_unix_socket(path: str | Path, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.settimeout(1)
-                s.connect(str(path))
-                return True
-        except OSError:
-            time.sleep(0.05)
-    return False
+def unix_socket_accepts(path: str | Path) -> bool:
+    """True if a connection to the unix stream socket at ``path`` succeeds now."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(1)
+            s.connect(str(path))
+            return True
+    except OSError:
+        return False
+
+
+class _Gone(Exception):
+    pass
+
+
+def _ready(check: Callable[[], bool], alive: Optional[Callable[[], bool]]) -> Callable[[], bool]:
+    def probe() -> bool:
+        if check():
+            return True
+        if alive is not None and not alive():
+            raise _Gone
+        return False
+    return probe
+
+
+def _wait(check: Callable[[], bool], timeout: float, what: str,
+          alive: Optional[Callable[[], bool]]) -> bool:
+    try:
+        return wait_until(_ready(check, alive), timeout, what)
+    except (AssertionError, _Gone):
+        return False
+
+
+def wait_for_port(host: str, port: int, timeout: float = 15.0, *,
+                  alive: Optional[Callable[[], bool]] = None) -> bool:
+    """Wait (bounded) until ``host``:``port`` accepts; False on timeout or once ``alive()`` is
+    false (the process that should listen has gone)."""
+    return _wait(lambda: port_accepts(host, port), timeout, f"{host}:{port}", alive)
+
+
+def wait_for_unix_socket(path: str | Path, timeout: float = 15.0, *,
+                         alive: Optional[Callable[[], bool]] = None) -> bool:
+    """Wait (bounded) until the unix socket at ``path`` accepts; False on timeout or once
+    ``alive()`` is false."""
+    return _wait(lambda: unix_socket_accepts(path), timeout, str(path), alive)
