@@ -6,9 +6,7 @@ MTA cannot be provisioned the test fails (never skips): run scripts/setup.sh fir
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -16,30 +14,8 @@ import pytest
 
 from milterd.lab.pki import TestPKI
 from milterd.lab.postfix import PostfixLab, PostfixTLS
-from milterd.lab.proc import MilterdProcess
 
-TESTS_DIR = Path(__file__).parent
-
-
-def make_lab_dir(prefix: str = "milterd-test-") -> Path:
-    """A directory Postfix's unprivileged processes can traverse (pytest's tmp dirs are 0700)."""
-    d = Path(tempfile.mkdtemp(prefix=prefix))
-    os.chmod(d, 0o755)
-    return d
-
-
-class Partners:
-    """The certificates of the TLS cases (notes/postfix.md table) plus Domain Security extras."""
-
-    def __init__(self, pki: TestPKI):
-        self.pki = pki
-        self.server = pki.issue("mx-contoso", "mx.contoso.test")
-        self.partner = pki.issue("wg-trusted", "mail.woodgrovebank.test")
-        self.other = pki.issue("fabrikam-trusted", "mail.fabrikam.test")
-        self.self_signed = pki.issue("wg-selfsigned", "mail.woodgrovebank.test",
-                                     org="Evil", self_signed=True)
-        self.pinned = pki.issue("wg-pinned", "mail.woodgrovebank.test", org="Woodgrove Direct",
-                                self_signed=True)
+from support import MilterdFactory, Partners, assert_no_tracebacks, make_lab_dir
 
 
 @pytest.fixture(scope="session")
@@ -54,44 +30,6 @@ def partners(lab_root: Path) -> Partners:
     return Partners(TestPKI(lab_root / "pki"))
 
 
-class MilterdFactory:
-    def __init__(self, root: Path):
-        self.root = root
-        self.started: list[MilterdProcess] = []
-        self.n = 0
-
-    def __call__(self, config: str = "", *, name: str | None = None, inet: bool = False,
-                 plugin_modules: tuple[str, ...] = (), env: dict[str, str] | None = None,
-                 extra_args: tuple[str, ...] = ()) -> MilterdProcess:
-        self.n += 1
-        d = self.root / (name or f"milterd{self.n}")
-        d.mkdir(parents=True, exist_ok=True)
-        os.chmod(d, 0o755)
-        if inet:
-            from milterd.lab.net import free_port
-
-            spec = f"inet:{free_port()}@127.0.0.1"
-        else:
-            spec = f"unix:{d}/milter.sock"
-        modules = ", ".join(f'"{m}"' for m in plugin_modules)
-        text = f'[milter]\nlisten = "{spec}"\n'
-        if "[plugins]" not in config:
-            text += f"[plugins]\nmodules = [{modules}]\n"
-        text += config
-        (d / "milterd.toml").write_text(text)
-        full_env = {"PYTHONPATH": str(TESTS_DIR) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        full_env.update(env or {})
-        proc = MilterdProcess(d / "milterd.toml", spec, log_path=d / "milterd.log",
-                              env=full_env, extra_args=extra_args)
-        proc.dir = d  # type: ignore[attr-defined]
-        self.started.append(proc)
-        return proc.start()
-
-    def stop_all(self) -> None:
-        for p in self.started:
-            p.stop()
-
-
 @pytest.fixture
 def milterd_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MilterdFactory]:
     root = make_lab_dir("milterd-proc-")
@@ -100,15 +38,7 @@ def milterd_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Milter
     f.stop_all()
     logs = [p.log_text() for p in f.started]
     shutil.rmtree(root, ignore_errors=True)
-    _assert_no_tracebacks(logs)
-
-
-def _assert_no_tracebacks(logs: list[str]) -> None:
-    for text in logs:
-        # A plugin error is logged with its traceback on purpose; anything else is a bug.
-        for block in text.split("Traceback (most recent call last):")[1:]:
-            assert "test plugin exploded" in block or "TestPluginError" in block, (
-                "unexpected traceback in milterd's log:\n" + block[:2000])
+    assert_no_tracebacks(logs)
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import ssl
 from dataclasses import dataclass
 
 from milterd.lab.smtp import client_context
+from milterd.lab.wait import wait_until
 from milterd.policy.stamp import parse_stamp
 
 PARTNER = "woodgrovebank.test"
@@ -99,3 +100,14 @@ def check_row(row: Row, result, delivered_msg, *, mode: str = "enforce",
         assert stamp.get("reason") == row.reason, (row.name, stamp)
     else:
         assert reason_from_reply(result.text) == row.reason, (row.name, result.text)
+
+
+def delivered_with_subject(mta, subject: str, timeout: float = 15):
+    """The message ``mta`` delivered with this Subject, waiting up to ``timeout``; None if none
+    arrived (rows whose accepted message must not be delivered)."""
+    def find():
+        return next((m for m in mta.delivered() if m["Subject"] == subject), None)
+    try:
+        return wait_until(find, timeout, f"delivery of {subject!r}")
+    except AssertionError:
+        return None

@@ -31,7 +31,7 @@ Hurdles from the field notes and how they are handled here:
 
 Requires root (namespaces, mounts), ``unshare``/``mount`` (util-linux), ``m4`` and overlayfs.
 
-Start the milter (and wait for its socket, see :func:`wait_for_unix_socket`) before mail is
+Start the milter (and wait for its socket, see :func:`milterd.lab.net.wait_for_unix_socket`) before mail is
 sent; sendmail itself does not contact the milter until a client connects.
 """
 
@@ -47,8 +47,10 @@ import signal
 import socket
 import subprocess
 import threading
-import time
 from pathlib import Path
+
+from milterd.lab.net import free_port
+from milterd.lab.wait import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 CONTRIB_MC = REPO / "contrib" / "sendmail" / "milterd.mc"
@@ -99,34 +101,7 @@ def ensure_provisioned(timeout: float = 600.0) -> Path:
     return root
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def wait_for_unix_socket(path: str | Path, timeout: float = 15.0, pid: int | None = None) -> None:
-    """Wait until a unix stream socket at `path` accepts connections (bounded).
-
-    If `pid` is given, fail early when that process has exited."""
-    path = str(path)
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        if pid is not None and not _pid_alive(pid):
-            raise SendmailLabError(f"process {pid} exited before {path} appeared")
-        if os.path.exists(path):
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                try:
-                    s.connect(path)
-                    return
-                except OSError as e:
-                    last = e
-        time.sleep(0.05)
-    raise SendmailLabError(f"unix socket {path} not ready after {timeout}s ({last})")
-
-
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """True unless `pid` is gone or a zombie (never reaps, so Popen bookkeeping stays intact)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -457,15 +432,17 @@ MAILER(`smtp')dnl
             )
         finally:
             stderr.close()
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline:
+        def outcome() -> str | None:
             if self.proc.poll() is not None:
-                break
+                return "exited"
             if _pid_listens(self.proc.pid, self.port):
+                return "listening"
+            return "bind failed" if self._bind_failed() else None
+        try:
+            if wait_until(outcome, self.start_timeout, "sendmail to listen") == "listening":
                 return
-            if self._bind_failed():
-                break
-            time.sleep(0.05)
+        except AssertionError:
+            pass
         rc = self.proc.poll()
         bind_failed = self._bind_failed()
         if bind_failed:
@@ -573,11 +550,7 @@ MAILER(`smtp')dnl
     def wait_for_log(self, pattern: str, timeout: float = 10.0) -> re.Match:
         """Poll the log (bounded) until regex `pattern` matches; returns the match."""
         rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while True:
-            m = rx.search(self.log_text())
-            if m:
-                return m
-            if time.monotonic() >= deadline:
-                raise SendmailLabError(f"log never matched {pattern!r}\n{self._tail()}")
-            time.sleep(0.05)
+        try:
+            return wait_until(lambda: rx.search(self.log_text()), timeout, repr(pattern))
+        except AssertionError:
+            raise SendmailLabError(f"log never matched {pattern!r}\n{self._tail()}") from None

@@ -10,13 +10,7 @@ import pytest
 
 from milterd.core.cache import TtlLruCache
 
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from support import FakeClock
 
 
 def test_get_put_pop_clear_len():

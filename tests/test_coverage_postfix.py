@@ -26,7 +26,7 @@ import pytest
 
 from milterd.policy.stamp import parse_stamp
 
-from conftest import MilterdFactory, _assert_no_tracebacks, make_lab_dir
+from support import MilterdFactory, assert_no_tracebacks, make_lab_dir
 from coverage_cases import (
     CONTROLS,
     FILLER_HEADERS,
@@ -188,7 +188,7 @@ def enforce_lab(partners):
         factory.stop_all()
         logs = [p.log_text() for p in factory.started]
         shutil.rmtree(factory.root, ignore_errors=True)
-        _assert_no_tracebacks(logs)
+        assert_no_tracebacks(logs)
 
 
 def _send(pf, sender: Sender, subject: str, payload: bytes | None = None):

@@ -19,7 +19,7 @@ import pytest
 
 from milterd.policy.stamp import parse_stamp
 
-from conftest import MilterdFactory, _assert_no_tracebacks, make_lab_dir
+from support import MilterdFactory, assert_no_tracebacks, make_lab_dir
 from coverage_cases import (
     FILLER_HEADERS,
     LONG_FROM_BYTES,
@@ -90,7 +90,7 @@ def sendmail_labs(partners):
         factory.stop_all()
         logs = [p.log_text() for p in factory.started]
         shutil.rmtree(factory.root, ignore_errors=True)
-        _assert_no_tracebacks(logs)
+        assert_no_tracebacks(logs)
 
 
 def _send(lab, subject: str, payload: bytes):

@@ -11,21 +11,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 from milterd.lab.net import free_port
-
-
-def _metrics(port: int) -> str:
-    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-
-
-def _wait_for(predicate, timeout=15):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+from milterd.lab.metrics import scrape
+from milterd.lab.wait import wait_until
 
 
 def test_certificate_expiry_gauge_and_reload(milterd_factory, partners):
@@ -33,20 +23,20 @@ def test_certificate_expiry_gauge_and_reload(milterd_factory, partners):
     cert = partners.partner
     m = milterd_factory(f'[metrics]\nlisten = "127.0.0.1:{port}"\n'
                         f'[tls]\ncertificates = ["{cert.cert_path}"]\n')
-    text = _metrics(port)
     expected = cert.cert.not_valid_after_utc.timestamp()
-    line = next(l for l in text.splitlines()
-                if l.startswith("milterd_certificate_expiry_timestamp_seconds{"))
-    assert f'path="{cert.cert_path}"' in line and "mail.woodgrovebank.test" in line
-    assert abs(float(line.rsplit(" ", 1)[1]) - expected) < 1
+    key, value = next((k, v) for k, v in scrape(port).items()
+                      if k.startswith("milterd_certificate_expiry_timestamp_seconds{"))
+    assert f'path="{cert.cert_path}"' in key and "mail.woodgrovebank.test" in key
+    assert abs(value - expected) < 1
     # Reload with another certificate: the gauge follows the config.
     other = partners.other
     m.config_path.write_text(m.config_path.read_text().replace(str(cert.cert_path),
                                                                str(other.cert_path)))
     m.signal(signal.SIGHUP)
-    _wait_for(lambda: str(other.cert_path) in _metrics(port))
-    assert str(cert.cert_path) not in _metrics(port)
-    assert 'milterd_config_reloads_total{result="ok"} 1.0' in _metrics(port)
+    wait_until(lambda: any(str(other.cert_path) in k for k in scrape(port)), 15,
+               "the reloaded certificate in /metrics")
+    assert not any(str(cert.cert_path) in k for k in scrape(port))
+    assert scrape(port)['milterd_config_reloads_total{result="ok"}'] == 1.0
 
 
 def test_metrics_bind_loopback_and_socket_is_0660(milterd_factory):
@@ -67,7 +57,7 @@ def test_metrics_bind_loopback_and_socket_is_0660(milterd_factory):
 
 def test_json_log_format(milterd_factory):
     m = milterd_factory("", extra_args=("--log-format", "json"))
-    _wait_for(lambda: "serving" in m.log_text())
+    wait_until(lambda: "serving" in m.log_text(), 15, "serving")
     first = next(l for l in m.log_text().splitlines() if "serving" in l)
     entry = json.loads(first)
     assert entry["level"] == "info" and "serving" in entry["msg"]
@@ -92,7 +82,7 @@ def test_sighup_storm_never_stops_the_daemon(milterd_factory):
     for _ in range(40):
         m.signal(signal.SIGHUP)
         time.sleep(0.01)
-    _wait_for(lambda: "configuration reloaded" in m.log_text())
+    wait_until(lambda: "configuration reloaded" in m.log_text(), 15, "configuration reloaded")
     assert m.proc.poll() is None, m.log_tail()
     assert wait_for_unix_socket(m.socket_spec.split(":", 1)[1], timeout=5)
     assert "stop requested" not in m.log_text()

@@ -8,6 +8,7 @@ account for each message by its Subject.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -20,6 +21,7 @@ import pytest
 from milterd.lab.proc import MilterdProcess
 from milterd.lab.smtp import SendResult, make_message, send
 from milterd.policy.stamp import parse_stamp
+from milterd.lab.wait import wait_until
 
 pytestmark = pytest.mark.postfix
 
@@ -80,9 +82,8 @@ def _delivered_count(pf) -> int:
 
 
 def _wait_all_delivered(pf, count: int, timeout: float = 120) -> list:
-    deadline = time.monotonic() + timeout
-    while _delivered_count(pf) < count and time.monotonic() < deadline:
-        time.sleep(0.1)
+    with contextlib.suppress(AssertionError):   # the caller compares what was delivered
+        wait_until(lambda: _delivered_count(pf) >= count, timeout, f"{count} deliveries")
     return pf.delivered()
 
 
@@ -102,10 +103,10 @@ def test_kill_9_mid_run_loses_nothing_and_delivers_nothing_unchecked(milterd_fac
     total = 2000
     pool = Pool(pf.port, total, threads=8, prefix="kill").start()
     try:
-        deadline = time.monotonic() + 120
-        while _delivered_count(pf) < 200:
-            assert time.monotonic() < deadline and pool.alive(), "load did not get going"
-            time.sleep(0.02)
+        def going() -> bool:
+            assert pool.alive(), "load did not get going"
+            return _delivered_count(pf) >= 200
+        wait_until(going, 120, "load did not get going", interval=0.02)
         os.kill(m.pid, signal.SIGKILL)
         m.proc.wait(10)
         killed_at = len(pool.results)
@@ -168,10 +169,7 @@ def test_sighup_every_second_under_load_fails_nothing(milterd_factory, postfix_f
     assert len(pool.results) >= 200, "too few messages during the reloads"
     assert not tempfailed and not other, (
         f"{len(tempfailed)} tempfailed, other: {dict(list(other.items())[:5])}")
-    deadline = time.monotonic() + 20
-    while m.log_text().count("configuration reloaded") < hups:
-        assert time.monotonic() < deadline, m.log_tail()
-        time.sleep(0.05)
+    wait_until(lambda: m.log_text().count("configuration reloaded") >= hups, 20, m.log_tail)
     delivered = _wait_all_delivered(pf, len(accepted))
     assert {str(d["Subject"]) for d in delivered} == accepted and len(delivered) == len(accepted)
     _assert_stamped_once(delivered)
@@ -222,10 +220,8 @@ def test_sigterm_lets_an_open_session_finish(milterd_factory, postfix_factory):
         assert s.mail(SENDER)[0] == 250           # milterd is serving this session now
         m.signal(signal.SIGTERM)
         # libmilter has stopped accepting and milterd waits for this one open session
-        deadline = time.monotonic() + 30
-        while "waiting up to 30s for 1 open session" not in m.log_text():
-            assert time.monotonic() < deadline, m.log_tail()
-            time.sleep(0.05)
+        wait_until(lambda: "waiting up to 30s for 1 open session" in m.log_text(), 30,
+                   m.log_tail)
         assert s.rcpt(RCPT)[0] == 250
         code, reply = s.data(make_message(SENDER, RCPT, "during stop"))
         assert code == 250, reply

@@ -9,13 +9,14 @@ trace header, milterd's own, with the true values.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-import time
 
 import pytest
 
 from milterd.lab.smtp import client_context, send
 from milterd.policy.stamp import parse_stamp
+from milterd.lab.wait import wait_until
 
 pytestmark = pytest.mark.postfix
 
@@ -42,22 +43,24 @@ def _new_files(pf) -> list:
 
 
 def wait_count(pf, n: int, timeout: float = 60) -> list:
-    deadline = time.monotonic() + timeout
-    while len(_new_files(pf)) < n and time.monotonic() < deadline:
-        time.sleep(0.05)
+    with contextlib.suppress(AssertionError):   # the caller counts what was delivered
+        wait_until(lambda: len(_new_files(pf)) >= n, timeout, f"{n} deliveries")
     return pf.delivered()
 
 
 def by_subject(pf, subjects: list[str], timeout: float = 60) -> dict:
     """Wait until every subject is delivered; return subject -> list of delivered messages."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found: dict = {}
+    def found() -> dict:
+        out: dict = {}
         for m in pf.delivered():
-            found.setdefault(str(m["Subject"]), []).append(m)
-        if all(s in found for s in subjects) or time.monotonic() > deadline:
-            return found
-        time.sleep(0.1)
+            out.setdefault(str(m["Subject"]), []).append(m)
+        return out
+    def all_found() -> dict | None:
+        out = found()
+        return out if all(s in out for s in subjects) else None
+    with contextlib.suppress(AssertionError):   # the caller looks up what it needs
+        return wait_until(all_found, timeout, f"delivery of {subjects}")
+    return found()
 
 
 def the_stamp(msg, expect: dict[str, str] = PLAIN) -> dict[str, str]:

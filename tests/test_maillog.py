@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from datetime import datetime, timezone
 
 import pytest
 
+from milterd.lab.wait import wait_until
 from milterd.outbound.maillog_follower import MaillogFollower
 from milterd.outbound.maillog_parser import MaillogParser, OutboundResult
 from milterd.outbound.tlsrpt import session_record
@@ -339,10 +341,8 @@ def test_sessions_file_and_thread(tmp_path):
     append(log_path, VERIFIED + "\n" + line("J1") + line("J2", status="deferred"))
     handle = f.start_in_thread(poll_interval=0.02)
     try:
-        import time
-        deadline = time.monotonic() + 5
-        while len(sink.results) < 2 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        with contextlib.suppress(AssertionError):   # asserted below, after the stop
+            wait_until(lambda: len(sink.results) >= 2, 5, "two results", interval=0.02)
     finally:
         handle.stop()
     assert sink.ids == ["J1", "J2"] and not handle.thread.is_alive()

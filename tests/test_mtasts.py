@@ -12,6 +12,7 @@ from milterd.outbound.mtasts import (MtaStsClient, StsError, StsPolicy, parse_st
                                      parse_sts_txt)
 from milterd.lab.pki import TestPKI
 from mtasts_server import PolicyServer
+from support import FakeClock
 
 ENFORCE = (b"version: STSv1\r\nmode: enforce\r\nmx: mx1.sts.test\r\nmx: *.backup.sts.test\r\n"
            b"max_age: 86400\r\n")
@@ -61,14 +62,6 @@ def test_invalid_policies(body):
 
 
 # -- network -----------------------------------------------------------------------------------
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def env(tmp_path):
     ca = TestPKI(tmp_path)
@@ -77,7 +70,7 @@ def env(tmp_path):
     with DnsServer() as dns_srv, PolicyServer(cert, key) as web:
         dns_srv.add("_mta-sts.sts.test", "TXT", ['"v=STSv1; id=one;"'])
         web.routes["mta-sts.sts.test"] = (200, {"Content-Type": "text/plain; charset=utf-8"}, ENFORCE)
-        clock = Clock()
+        clock = FakeClock(1_000_000.0)
         dns = DnsClient(["127.0.0.1"], port=dns_srv.port, timeout=0.3, lifetime=0.6)
         override = {f"mta-sts.{d}": ("127.0.0.1", web.port) for d in ("sts.test", "other.test")}
         client = MtaStsClient(dns, ca_file=str(ca.ca_path), address_override=override,

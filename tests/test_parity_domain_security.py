@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import email
 import email.policy
-import time
 from pathlib import Path
 
 import pytest
 
 from milterd.lab.smtp import make_message, send
 
-from conftest import MilterdFactory, make_lab_dir
-from ds_table import ROWS, check_row, client_tls, ds_config
+from support import MilterdFactory, make_lab_dir
+from ds_table import ROWS, check_row, client_tls, delivered_with_subject, ds_config
 
 RCPT = "user@contoso.test"
 
@@ -76,16 +75,6 @@ def parity_lab(request, partners):
     factory.stop_all()
 
 
-def _find(mta, subject, timeout=15):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for msg in mta.delivered():
-            if msg["Subject"] == subject:
-                return msg
-        time.sleep(0.05)
-    return None
-
-
 @pytest.mark.sendmail
 @pytest.mark.parametrize("row", ROWS, ids=[r.name for r in ROWS])
 def test_domain_security_table(parity_lab, partners, row):
@@ -93,7 +82,7 @@ def test_domain_security_table(parity_lab, partners, row):
     subject = f"{kind}:{row.name}"
     data = make_message(row.sender, RCPT, subject, from_header=row.from_header)
     result = send(mta.port, row.sender, [RCPT], data, tls=client_tls(partners, row.client))
-    msg = _find(mta, subject) if result.accepted else None
+    msg = delivered_with_subject(mta, subject) if result.accepted else None
     check_row(row, result, msg)
 
 

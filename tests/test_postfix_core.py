@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 from pathlib import Path
 
 import pytest
 
 from milterd.lab.smtp import client_context, make_message, send
+from milterd.lab.wait import wait_until
 
 pytestmark = pytest.mark.postfix
 
@@ -128,7 +128,5 @@ def test_contrib_postfix_fragment_is_what_the_lab_runs(postfix_factory, milterd_
 
 
 def _wait_for_log(proc, needle: str, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while needle not in proc.log_text():
-        assert time.monotonic() < deadline, f"{needle!r} not logged:\n{proc.log_tail()}"
-        time.sleep(0.05)
+    wait_until(lambda: needle in proc.log_text(), timeout,
+               lambda: f"{needle!r} to be logged:\n{proc.log_tail()}")

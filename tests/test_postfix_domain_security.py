@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import time
 
 import pytest
 
 from milterd.lab.net import free_port
+from milterd.lab.metrics import scrape
 from milterd.lab.smtp import make_message, send
 
-from conftest import MilterdFactory, make_lab_dir
-from ds_table import ROWS, check_row, client_tls, ds_config
+from support import MilterdFactory, make_lab_dir
+from ds_table import ROWS, check_row, client_tls, delivered_with_subject, ds_config
 
 pytestmark = pytest.mark.postfix
 RCPT = "user@contoso.test"
@@ -35,22 +35,12 @@ def ds_lab(request, partners):
     factory.stop_all()
 
 
-def _delivered_with_subject(pf, subject, timeout=15):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for msg in pf.delivered():
-            if msg["Subject"] == subject:
-                return msg
-        time.sleep(0.05)
-    return None
-
-
 @pytest.mark.parametrize("row", ROWS, ids=[r.name for r in ROWS])
 def test_domain_security_table(ds_lab, partners, row):
     mode, m, pf = ds_lab
     data = make_message(row.sender, RCPT, f"{mode}:{row.name}", from_header=row.from_header)
     result = send(pf.port, row.sender, [RCPT], data, tls=client_tls(partners, row.client))
-    msg = _delivered_with_subject(pf, f"{mode}:{row.name}") if result.accepted else None
+    msg = delivered_with_subject(pf, f"{mode}:{row.name}") if result.accepted else None
     if not result.accepted:
         assert all(d["Subject"] != f"{mode}:{row.name}" for d in pf.delivered())
     check_row(row, result, msg, mode=mode)
@@ -61,10 +51,9 @@ def test_counters_match_the_table(ds_lab):
     """Runs after the rows of the same mode: each message counted once, whatever its stage."""
     from collections import Counter
 
-    from test_postfix_stamp_metrics import _scrape
 
     mode, m, pf = ds_lab
-    metrics = _scrape(m.metrics_port)
+    metrics = scrape(m.metrics_port)
     failures = Counter(r.reason for r in ROWS if r.status == "fail")
     for reason, n in failures.items():
         key = f'milterd_domain_security_failures_total{{domain="woodgrovebank.test",reason="{reason}"}}'

@@ -8,15 +8,15 @@ test_postfix_domain_security.py over IPv4.  Postfix's milter view of such a clie
 from __future__ import annotations
 
 import shutil
-import time
 
 import pytest
 
 from milterd.lab.net import free_port
+from milterd.lab.metrics import scrape
 from milterd.lab.smtp import make_message, send
 
-from conftest import MilterdFactory, _assert_no_tracebacks, make_lab_dir
-from ds_table import ROWS, check_row, client_tls, ds_config
+from support import MilterdFactory, assert_no_tracebacks, make_lab_dir
+from ds_table import ROWS, check_row, client_tls, delivered_with_subject, ds_config
 
 pytestmark = pytest.mark.postfix
 RCPT = "user@contoso.test"
@@ -48,17 +48,7 @@ def ds_lab6(request, partners):
         factory.stop_all()
         logs = [p.log_text() for p in factory.started]
         shutil.rmtree(factory.root, ignore_errors=True)
-        _assert_no_tracebacks(logs)
-
-
-def _delivered_with_subject(pf, subject, timeout=15):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for msg in pf.delivered():
-            if msg["Subject"] == subject:
-                return msg
-        time.sleep(0.05)
-    return None
+        assert_no_tracebacks(logs)
 
 
 def test_postfix_listens_on_ipv6(ds_lab6):
@@ -74,7 +64,7 @@ def test_domain_security_table_over_ipv6(ds_lab6, partners, row):
     data = make_message(row.sender, RCPT, subject, from_header=row.from_header)
     result = send(pf.port, row.sender, [RCPT], data, host=HOST,
                   tls=client_tls(partners, row.client))
-    msg = _delivered_with_subject(pf, subject) if result.accepted else None
+    msg = delivered_with_subject(pf, subject) if result.accepted else None
     if not result.accepted:
         assert all(d["Subject"] != subject for d in pf.delivered())
     check_row(row, result, msg, mode=mode)
@@ -94,10 +84,9 @@ def test_counters_match_the_table_over_ipv6(ds_lab6):
     """Runs after the rows of the same mode: each message counted once, whatever its stage."""
     from collections import Counter
 
-    from test_postfix_stamp_metrics import _scrape
 
     mode, m, pf = ds_lab6
-    metrics = _scrape(m.metrics_port)
+    metrics = scrape(m.metrics_port)
     failures = Counter(r.reason for r in ROWS if r.status == "fail")
     for reason, n in failures.items():
         key = (f'milterd_domain_security_failures_total{{domain="woodgrovebank.test",'

@@ -3,17 +3,18 @@ relays to receivers on loopback, and milterd counts the outcomes from Postfix's 
 
 from __future__ import annotations
 
+import contextlib
 import socket
-import time
-import urllib.request
 
 import pytest
 
 from milterd.lab.net import free_port
+from milterd.lab.metrics import scrape
 from milterd.lab.postfix import PostfixLab, PostfixTLS
 from milterd.lab.smtp import make_message, send
+from milterd.lab.wait import wait_until
 
-from conftest import MilterdFactory, make_lab_dir
+from support import MilterdFactory, make_lab_dir
 
 pytestmark = pytest.mark.postfix
 
@@ -86,20 +87,13 @@ dns_servers = ["127.0.0.1:{free_port()}"]
 
 
 def _metric(port: int, name: str) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line == name:
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return scrape(port).get(name, 0.0)
 
 
 def _wait_metric(port: int, name: str, value: float, timeout: float = 30) -> float:
-    deadline = time.monotonic() + timeout
-    got = _metric(port, name)
-    while got != value and time.monotonic() < deadline:
-        time.sleep(0.1)
-        got = _metric(port, name)
-    return got
+    with contextlib.suppress(AssertionError):   # the caller asserts the value
+        wait_until(lambda: _metric(port, name) == value, timeout, f"{name} == {value}")
+    return _metric(port, name)
 
 
 def _socketmap_query(port: int, key: str) -> str:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import re
-import time
-import urllib.request
 
 import pytest
 
 from milterd.lab.net import free_port
+from milterd.lab.metrics import scrape
+from milterd.lab.wait import wait_until
 from milterd.lab.smtp import client_context, make_message, send
 from milterd.policy.stamp import parse_stamp
 
@@ -70,16 +71,6 @@ def test_hostile_certificate_cn_cannot_change_the_header(milterd_factory, postfi
                           "domain-secure"}
 
 
-def _scrape(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
-
-
 def test_counters_after_a_scripted_flow(milterd_factory, postfix_factory, partners):
     port = free_port()
     m = milterd_factory(PARTNER_CFG + f'[metrics]\nlisten = "127.0.0.1:{port}"\n')
@@ -97,7 +88,7 @@ def test_counters_after_a_scripted_flow(milterd_factory, postfix_factory, partne
         s = f"u{i}@fabrikam.test"
         assert send(pf.port, s, [RCPT], make_message(s, RCPT, f"o{i}")).accepted
     pf.wait_delivered(14)
-    metrics = _scrape(port)
+    metrics = scrape(port)
     assert metrics['milterd_domain_secured_messages_received_total{domain="woodgrovebank.test"}'] == 3
     assert metrics['milterd_domain_security_failures_total{domain="woodgrovebank.test",reason="no_tls"}'] == 1
     assert metrics['milterd_domain_security_failures_total{domain="woodgrovebank.test",reason="no_trusted_cert"}'] == 1
@@ -129,12 +120,11 @@ def test_one_json_log_line_per_message(milterd_factory, postfix_factory, partner
                 tls=good).accepted
     assert send(pf.port, p, [RCPT], make_message(p, RCPT, "j2")).code == 550
     pf.wait_delivered(2)
-    deadline = time.monotonic() + 10
-    while True:  # poll the log (bounded) until both lines are written
-        lines = [json.loads(l) for l in m.log_text().splitlines() if '"milterd.message"' in l]
-        if len(lines) >= 2 or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+    def message_lines() -> list:
+        return [json.loads(l) for l in m.log_text().splitlines() if '"milterd.message"' in l]
+    with contextlib.suppress(AssertionError):   # poll the log (bounded) until both are written
+        wait_until(lambda: len(message_lines()) >= 2, 10, "two milterd.message lines")
+    lines = message_lines()
     assert len(lines) == 2  # one per message, not per recipient
     ok, refused = lines
     assert ok["queue_id"] and ok["verdict"] == "accept" and ok["recipients"] == 2

@@ -27,12 +27,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from milterd.lab.net import wait_for_unix_socket  # noqa: E402
+from milterd.lab.wait import wait_until  # noqa: E402
 from sendmail_lab import (  # noqa: E402
     CONTRIB_MC,
     SendmailLab,
     SendmailLabError,
     ensure_provisioned,
-    wait_for_unix_socket,
+    pid_alive,
 )
 
 pytestmark = pytest.mark.sendmail
@@ -143,11 +145,11 @@ class ProbeMilter:
         with open(self.log, "ab") as err:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
                                          start_new_session=True)
-        try:
-            wait_for_unix_socket(self.sock, timeout=20, pid=self.proc.pid)
-        except SendmailLabError as e:
+        pid = self.proc.pid
+        if not wait_for_unix_socket(self.sock, timeout=20, alive=lambda: pid_alive(pid)):
             self.stop()
-            raise SendmailLabError(f"{e}\n{self.log.read_text(errors='replace')}") from e
+            raise SendmailLabError(f"probe milter socket {self.sock} not ready (exited or"
+                                   f" timed out)\n{self.log.read_text(errors='replace')}")
 
     def stop(self, timeout: float = 20.0) -> None:
         proc, self.proc = self.proc, None
@@ -168,16 +170,17 @@ class ProbeMilter:
 
     def session(self, client_port: int, until_stage: str = "eom", timeout: float = 10.0):
         """Events of the milter connection whose {client_port} is client_port (bounded wait)."""
-        deadline = time.monotonic() + timeout
-        while True:
+        def mine() -> list[dict]:
             evs = self.events()
             conns = {e["conn"] for e in evs
                      if e["stage"] == "connect"
                      and e["macros"].get("{client_port}") == str(client_port)}
-            mine = [e for e in evs if e["conn"] in conns]
-            if any(e["stage"] == until_stage for e in mine) or time.monotonic() > deadline:
-                return mine
-            time.sleep(0.05)
+            return [e for e in evs if e["conn"] in conns]
+        try:
+            return wait_until(lambda: (m := mine()) and any(e["stage"] == until_stage for e in m)
+                              and m, timeout, f"milter stage {until_stage}")
+        except AssertionError:
+            return mine()
 
 
 # ------------------------------------------------------------------------------- fixtures

@@ -12,6 +12,7 @@ from milterd.outbound.dns import DnsClient
 from milterd.outbound.tlspolicy import NextHop, PolicyResolver, parse_nexthop
 from milterd.lab.pki import TestPKI
 from mtasts_server import PolicyServer
+from support import FakeClock
 
 TLSA = "3 1 1 " + "ab" * 32
 ENFORCE = b"version: STSv1\nmode: enforce\nmx: mx.sts.test\nmx: *.sts.test\nmax_age: 86400\n"
@@ -92,14 +93,6 @@ def test_sts_answer_mapping():
 
 
 # -- DNS-backed resolution ----------------------------------------------------------------------
-class Clock:
-    def __init__(self) -> None:
-        self.now = 5000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def stack(tmp_path):
     ca = TestPKI(tmp_path)
@@ -145,7 +138,7 @@ def stack(tmp_path):
         srv.add("slowtlsa.test", "MX", ["10 mx.slowtlsa.test."], ad=True)
         srv.servfail("servfail.test")
         dns = DnsClient(["127.0.0.1"], port=srv.port, timeout=0.3, lifetime=0.6)
-        clock = Clock()
+        clock = FakeClock(5000.0)
         sts = MtaStsClient(dns, ca_file=str(ca.ca_path), clock=clock,
                            address_override={"mta-sts.sts.test": ("127.0.0.1", web.port)})
 

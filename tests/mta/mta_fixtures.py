@@ -2,9 +2,8 @@
 subprocess, and MTAs on ephemeral loopback ports (readiness checks, no fixed
 sleeps).
 
-Why not a conftest.py: tests/mta has no __init__.py, so a conftest.py here is
-imported under the module name ``conftest`` and replaces tests/conftest.py in
-``sys.modules`` — breaking the suite's modules that ``from conftest import``.
+Why not a conftest.py: tests/mta has no __init__.py, so a conftest.py here would
+be imported under the module name ``conftest`` next to tests/conftest.py.
 Test modules import the fixtures they use from here instead (module-scoped,
 so each module gets its own milter and PKI).
 """

@@ -9,30 +9,16 @@ import socket
 import ssl
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from milterd.mta.config import MtaConfig
 from milterd.lab.pki import Issued
+from milterd.lab.wait import wait_until
 
 HERE = Path(__file__).parent
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
-    """Poll a readiness predicate (short back-off); fail with a message on timeout."""
-    deadline = time.monotonic() + timeout
-    delay = 0.005
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting for %s" % what)
-        time.sleep(delay)
-        delay = min(delay * 2, 0.1)
 
 
 @dataclass
@@ -77,7 +63,7 @@ def start_milter(directory: Path, name: str, *extra: str,
                 return False
         return True
 
-    wait_for(ready, 20, "the pymilter milter socket")
+    wait_until(ready, 20, "the pymilter milter socket")
     return MilterProc(spec, events, proc)
 
 

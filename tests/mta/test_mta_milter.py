@@ -5,7 +5,8 @@ from __future__ import annotations
 from email.parser import BytesParser
 from email.policy import compat32
 
-from mta_helpers import MESSAGE, converse, maildir_messages, send_one, wait_for
+from mta_helpers import MESSAGE, converse, maildir_messages, send_one
+from milterd.lab.wait import wait_until
 from mta_fixtures import (  # noqa: F401 - pytest fixtures, used by name
     allow_warnings, make_mta, milter, no_unexpected_warnings, pki, short_dir, symlist_milter)
 
@@ -43,7 +44,7 @@ def test_milter_rejects_one_recipient_only(make_mta, milter):
     conv.close()
     assert replies[1] == (550, b"5.1.1 No such user here")
     assert replies[2][0] == 250 and replies[3][0] == 250
-    wait_for(lambda: maildir_messages(mta.cfg.maildir_root, "bob@contoso.test"), what="delivery")
+    wait_until(lambda: maildir_messages(mta.cfg.maildir_root, "bob@contoso.test"), what="delivery")
     assert maildir_messages(mta.cfg.maildir_root, "norcpt@contoso.test") == []
 
 
@@ -53,7 +54,7 @@ def test_header_changes_are_applied_to_the_delivered_message(make_mta, milter):
     port = conv.client_port
     conv.close()
     assert replies[-1][0] == 250 and b"queued as" in replies[-1][1]
-    (raw,) = wait_for(lambda: maildir_messages(mta.cfg.maildir_root, "bob@contoso.test"),
+    (raw,) = wait_until(lambda: maildir_messages(mta.cfg.maildir_root, "bob@contoso.test"),
                       what="delivery")
     msg = _parse(raw)
     names = [k for k, _ in msg.items()]
@@ -121,7 +122,7 @@ def test_milter_down_with_default_accept_delivers(make_mta, allow_warnings):
     conv, replies = send_one(mta.port, "alice@woodgrovebank.test", ["bob@contoso.test"])
     conv.close()
     assert replies[-1][0] == 250
-    (raw,) = wait_for(lambda: maildir_messages(mta.cfg.maildir_root, "bob@contoso.test"),
+    (raw,) = wait_until(lambda: maildir_messages(mta.cfg.maildir_root, "bob@contoso.test"),
                       what="delivery")
     assert b"Subject: original subject" in raw
 
@@ -148,7 +149,7 @@ def test_message_without_milter_is_delivered_with_received(make_mta):
     mta = make_mta()
     conv, replies = send_one(mta.port, "alice@woodgrovebank.test", ["bob@contoso.test"])
     conv.close()
-    (raw,) = wait_for(lambda: maildir_messages(mta.cfg.maildir_root, "bob@contoso.test"),
+    (raw,) = wait_until(lambda: maildir_messages(mta.cfg.maildir_root, "bob@contoso.test"),
                       what="delivery")
     assert raw.startswith(b"Received: from client.woodgrovebank.test ([127.0.0.1])")
     assert raw.endswith(MESSAGE.split(b"\r\n\r\n", 1)[1])
@@ -201,7 +202,7 @@ def test_two_messages_in_one_session_both_get_milter_edits(make_mta, milter):
         assert conv.data(MESSAGE)[0] == 250
     finally:
         conv.close()
-    msgs = wait_for(lambda: (lambda m: m if len(m) == 2 else None)(
+    msgs = wait_until(lambda: (lambda m: m if len(m) == 2 else None)(
         maildir_messages(mta.cfg.maildir_root, "bob@contoso.test")), what="two deliveries")
     for raw in msgs:
         assert b"Subject: changed by milter" in raw and b"X-Delete-Me" not in raw

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mta_helpers import OutboundEvents, maildir_messages, send_one, wait_for
+from mta_helpers import OutboundEvents, maildir_messages, send_one
+from milterd.lab.wait import wait_until
 from mta_fixtures import (  # noqa: F401 - pytest fixtures, used by name
     allow_warnings, make_mta, no_unexpected_warnings, pki)
 
@@ -32,13 +33,13 @@ def _submit(sender) -> None:  # type: ignore[no-untyped-def]
 def test_good_certificate_is_delivered_and_counted_secured(make_mta, pki):
     sender, receiver, events = _pair(make_mta, pki, "woodgrove_server")
     _submit(sender)
-    (raw,) = wait_for(lambda: maildir_messages(receiver.cfg.maildir_root, "dave@%s" % WG),
+    (raw,) = wait_until(lambda: maildir_messages(receiver.cfg.maildir_root, "dave@%s" % WG),
                       what="relay")
     assert events.events == [(WG, True, "secured")]
     assert sender.mta.delivery.stats.secured_sent == {WG: 1}
     assert b"by mx.woodgrovebank.test (milterd-mta) with ESMTPS" in raw
     assert b"verify=OK" in raw  # the receiver verified our (sender's) certificate
-    wait_for(lambda: len(sender.mta.queue) == 0, what="queue to drain")
+    wait_until(lambda: len(sender.mta.queue) == 0, what="queue to drain")
     log = sender.cfg.protocol_log.read_text()
     assert ",Send," in log and ",>,STARTTLS," in log
     assert '"CN=mx.woodgrovebank.test, O=Lab",Certificate subject' in log
@@ -53,15 +54,15 @@ def test_good_certificate_is_delivered_and_counted_secured(make_mta, pki):
 def test_failure_defers_and_never_sends_in_clear(make_mta, pki, receiver_cert, reason):
     sender, receiver, events = _pair(make_mta, pki, receiver_cert)
     _submit(sender)
-    wait_for(lambda: events.events, what="an outbound attempt")
+    wait_until(lambda: events.events, what="an outbound attempt")
     assert events.events[0] == (WG, False, reason)
     assert sender.mta.delivery.stats.outbound_failures[(WG, reason)] >= 1
     # still queued, with the reason recorded, and retried (bounded backoff)
     qid = next(iter(sender.mta.queue.ids()))
-    meta = wait_for(lambda: (lambda m: m if m.attempts >= 1 else None)(
+    meta = wait_until(lambda: (lambda m: m if m.attempts >= 1 else None)(
         sender.mta.queue.load(qid)[0]), what="the queue file update")
     assert reason in meta.last_error
-    wait_for(lambda: len(events.events) >= 2, what="a retry")
+    wait_until(lambda: len(events.events) >= 2, what="a retry")
     assert all(e == (WG, False, reason) for e in events.events)
     # the receiver never saw a transaction
     assert receiver.mta.stats.accepted == 0
@@ -73,7 +74,7 @@ def test_failure_defers_and_never_sends_in_clear(make_mta, pki, receiver_cert, r
 def test_opportunistic_tls_for_other_domains(make_mta, pki):
     sender, receiver, events = _pair(make_mta, pki, "wrongname_server", secure=False)
     _submit(sender)
-    wait_for(lambda: maildir_messages(receiver.cfg.maildir_root, "dave@%s" % WG), what="relay")
+    wait_until(lambda: maildir_messages(receiver.cfg.maildir_root, "dave@%s" % WG), what="relay")
     assert events.events == [(WG, True, "tls")]
     assert sender.mta.delivery.stats.secured_sent == {}
 
@@ -81,7 +82,7 @@ def test_opportunistic_tls_for_other_domains(make_mta, pki):
 def test_opportunistic_plaintext_when_no_starttls(make_mta, pki):
     sender, receiver, events = _pair(make_mta, pki, "none", secure=False)
     _submit(sender)
-    wait_for(lambda: maildir_messages(receiver.cfg.maildir_root, "dave@%s" % WG), what="relay")
+    wait_until(lambda: maildir_messages(receiver.cfg.maildir_root, "dave@%s" % WG), what="relay")
     assert events.events == [(WG, True, "plaintext")]
 
 
@@ -92,7 +93,7 @@ def test_retries_are_bounded(make_mta, pki, allow_warnings):
     sender = make_mta("sender", routes={WG: ("127.0.0.1", receiver.port)}, send_domains=(WG,),
                       on_outbound_result=events, max_attempts=2, retry_base=0.05)
     _submit(sender)
-    wait_for(lambda: len(sender.mta.queue) == 0 and any(sender.mta.queue.failed.iterdir()),
+    wait_until(lambda: len(sender.mta.queue) == 0 and any(sender.mta.queue.failed.iterdir()),
              what="give-up")
     assert len(events.events) == 2
 
@@ -106,10 +107,10 @@ def test_a_failure_that_is_not_tls_is_other_with_its_cause_kept(make_mta):
     sender = make_mta("sender", routes={WG: ("127.0.0.1", free_port())}, send_domains=(WG,),
                       on_outbound_result=events)
     _submit(sender)
-    wait_for(lambda: events.events, what="an outbound attempt")
+    wait_until(lambda: events.events, what="an outbound attempt")
     assert events.events[0] == (WG, False, "other")
     assert sender.mta.delivery.stats.outbound_failures[(WG, "other")] >= 1
     qid = next(iter(sender.mta.queue.ids()))
-    meta = wait_for(lambda: (lambda m: m if m.attempts >= 1 else None)(
+    meta = wait_until(lambda: (lambda m: m if m.attempts >= 1 else None)(
         sender.mta.queue.load(qid)[0]), what="the queue file update")
     assert "%s: other (connect)" % WG in meta.last_error

@@ -9,7 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mta_helpers import MESSAGE, maildir_messages, wait_for
+from mta_helpers import MESSAGE, maildir_messages
+from milterd.lab.wait import wait_until
 from mta_fixtures import (  # noqa: F401 - pytest fixtures, used by name
     make_mta, no_unexpected_warnings, pki)
 
@@ -85,9 +86,9 @@ def test_kill_9_after_250_then_restart_delivers(tmp_path, pki, make_mta):
                         listen_port=next_hop_port, cert=pki.woodgrove_server)
     proc, _ = _start(config)
     try:
-        (raw,) = wait_for(lambda: maildir_messages(receiver.cfg.maildir_root, "dave@%s" % WG),
+        (raw,) = wait_until(lambda: maildir_messages(receiver.cfg.maildir_root, "dave@%s" % WG),
                           30, "delivery after restart")
         assert b"Subject: original subject" in raw
-        wait_for(lambda: not any((base / "queue" / "active").iterdir()), 10, "queue to drain")
+        wait_until(lambda: not any((base / "queue" / "active").iterdir()), 10, "queue to drain")
     finally:
         _stop(proc)

@@ -8,7 +8,8 @@ import smtplib
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from mta_helpers import client_tls_context, converse, maildir_messages, send_one, wait_for
+from mta_helpers import client_tls_context, converse, maildir_messages, send_one
+from milterd.lab.wait import wait_until
 from mta_fixtures import (  # noqa: F401 - pytest fixtures, used by name
     make_mta, milter, no_unexpected_warnings, pki, short_dir)
 
@@ -46,7 +47,7 @@ def test_ca_signed_client_cert_gives_verify_ok(make_mta, milter, pki):
         assert m["{cert_fp}"] == _fp(pki.woodgrove_client)
         assert m["{tls_version}"] in ("TLSv1.2", "TLSv1.3")
         assert int(m["{cipher_bits}"]) >= 128 and m["{cipher}"]
-    (raw,) = wait_for(lambda: maildir_messages(mta.cfg.maildir_root, "bob@contoso.test"),
+    (raw,) = wait_until(lambda: maildir_messages(mta.cfg.maildir_root, "bob@contoso.test"),
                       what="delivery")
     assert b"with ESMTPS id" in raw and b"verify=OK)" in raw
 
@@ -97,9 +98,9 @@ def test_protocol_log_records_certificates_not_bodies(make_mta, pki):
     conv, replies = send_one(mta.port, "alice@woodgrovebank.test", ["bob@contoso.test"],
                              starttls=True, ctx=ctx)
     conv.close()
-    wait_for(lambda: maildir_messages(mta.cfg.maildir_root, "bob@contoso.test"))
+    wait_until(lambda: maildir_messages(mta.cfg.maildir_root, "bob@contoso.test"))
     # the disconnect line follows the 221 reply asynchronously
-    log = wait_for(lambda: (lambda t: t if ",-,," in t else "")(mta.cfg.protocol_log.read_text()),
+    log = wait_until(lambda: (lambda t: t if ",-,," in t else "")(mta.cfg.protocol_log.read_text()),
                    what="disconnect line")
     lines = log.splitlines()
     assert lines[1].startswith("#Fields: date-time,connector-id,session-id,sequence-number")
