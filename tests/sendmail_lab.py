@@ -49,7 +49,7 @@ import subprocess
 import threading
 from pathlib import Path
 
-from milterd.lab.net import free_port
+from milterd.lab.net import free_port, pid_listens
 from milterd.lab.wait import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
@@ -109,41 +109,6 @@ def pid_alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state not in ("Z", "X")
-
-
-def _listen_inodes(port: int, host: str = "127.0.0.1") -> set[str]:
-    """Socket inodes LISTENing on host:port (from /proc/net/tcp; no connection is made)."""
-    want = "%08X:%04X" % (int.from_bytes(socket.inet_aton(host), "little"), port)
-    found = set()
-    try:
-        with open("/proc/net/tcp") as f:
-            next(f)
-            for line in f:
-                parts = line.split()
-                if parts[1] == want and parts[3] == "0A":
-                    found.add(parts[9])
-    except OSError:
-        pass
-    return found
-
-
-def _pid_listens(pid: int, port: int, host: str = "127.0.0.1") -> bool:
-    """True if process `pid` itself holds the LISTEN socket on host:port."""
-    inodes = _listen_inodes(port, host)
-    if not inodes:
-        return False
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return False
-    for fd in fds:
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:[") and target[8:-1] in inodes:
-            return True
-    return False
 
 
 class _SyslogListener:
@@ -435,7 +400,7 @@ MAILER(`smtp')dnl
         def outcome() -> str | None:
             if self.proc.poll() is not None:
                 return "exited"
-            if _pid_listens(self.proc.pid, self.port):
+            if pid_listens(self.proc.pid, "127.0.0.1", self.port):
                 return "listening"
             return "bind failed" if self._bind_failed() else None
         try:

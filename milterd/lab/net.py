@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 from typing import Callable, Optional
@@ -69,3 +70,45 @@ def wait_for_unix_socket(path: str | Path, timeout: float = 15.0, *,
     """Wait (bounded) until the unix socket at ``path`` accepts; False on timeout or once
     ``alive()`` is false."""
     return _wait(lambda: unix_socket_accepts(path), timeout, str(path), alive)
+
+
+def listen_inodes(address: str, port: int) -> set[str]:
+    """Inodes of the sockets LISTENing on address:port (/proc/net/tcp[6]; no connection)."""
+    if ":" in address:
+        raw = socket.inet_pton(socket.AF_INET6, address)
+        host = "".join(raw[i:i + 4][::-1].hex().upper() for i in range(0, 16, 4))
+        table = "/proc/net/tcp6"
+    else:
+        host = socket.inet_aton(address)[::-1].hex().upper()
+        table = "/proc/net/tcp"
+    want = f"{host}:{port:04X}"
+    found = set()
+    try:
+        with open(table) as f:
+            next(f)
+            for line in f:
+                parts = line.split()
+                if parts[1] == want and parts[3] == "0A":
+                    found.add(parts[9])
+    except OSError:
+        pass
+    return found
+
+
+def pid_listens(pid: int, address: str, port: int) -> bool:
+    """True if process ``pid`` itself holds the LISTEN socket on address:port."""
+    inodes = listen_inodes(address, port)
+    if not inodes:
+        return False
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:[") and target[8:-1] in inodes:
+            return True
+    return False

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from milterd.lab.net import free_port, wait_for_port
+from milterd.lab.net import free_port, pid_listens, wait_for_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONTRIB_MAIN_CF = REPO_ROOT / "contrib" / "postfix" / "main.cf.milterd"
@@ -289,23 +289,7 @@ class PostfixLab:
     def master_listens(self) -> bool:
         """True if the master process holds a LISTEN socket on listen_address:port."""
         pid = self.master_pid()
-        if not pid:
-            return False
-        inodes = _listen_inodes(self.listen_address, self.port)
-        if not inodes:
-            return False
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            return False
-        for fd in fds:
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if target.startswith("socket:[") and target[8:-1] in inodes:
-                return True
-        return False
+        return bool(pid) and pid_listens(pid, self.listen_address, self.port)
 
     def reload(self) -> None:
         self.write_config()
@@ -394,31 +378,6 @@ def _free_port_on(address: str) -> int:
     with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
         s.bind((address, 0))
         return s.getsockname()[1]
-
-
-def _listen_inodes(address: str, port: int) -> set[str]:
-    """Inodes of the sockets LISTENing on address:port (/proc/net/tcp[6]; no connection)."""
-    import socket
-
-    if ":" in address:
-        raw = socket.inet_pton(socket.AF_INET6, address)
-        host = "".join(raw[i:i + 4][::-1].hex().upper() for i in range(0, 16, 4))
-        table = "/proc/net/tcp6"
-    else:
-        host = socket.inet_aton(address)[::-1].hex().upper()
-        table = "/proc/net/tcp"
-    want = f"{host}:{port:04X}"
-    found = set()
-    try:
-        with open(table) as f:
-            next(f)
-            for line in f:
-                parts = line.split()
-                if parts[1] == want and parts[3] == "0A":
-                    found.add(parts[9])
-    except OSError:
-        pass
-    return found
 
 
 def _alive(pid: int) -> bool:
