@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import time
 
@@ -26,7 +25,7 @@ import pytest
 
 from milterd.policy.stamp import parse_stamp
 
-from support import MilterdFactory, assert_no_tracebacks, make_lab_dir
+from support import MilterdFactory, make_lab_dir
 from coverage_cases import (
     CONTROLS,
     FILLER_HEADERS,
@@ -185,10 +184,7 @@ def enforce_lab(partners):
     finally:
         if pf is not None:
             pf.cleanup()
-        factory.stop_all()
-        logs = [p.log_text() for p in factory.started]
-        shutil.rmtree(factory.root, ignore_errors=True)
-        assert_no_tracebacks(logs)
+        factory.close()
 
 
 def _send(pf, sender: Sender, subject: str, payload: bytes | None = None):

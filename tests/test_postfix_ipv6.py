@@ -7,7 +7,6 @@ test_postfix_domain_security.py over IPv4.  Postfix's milter view of such a clie
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
 
@@ -15,7 +14,7 @@ from milterd.lab.net import free_port
 from milterd.lab.metrics import scrape
 from milterd.lab.smtp import make_message, send
 
-from support import MilterdFactory, assert_no_tracebacks, make_lab_dir
+from support import MilterdFactory, make_lab_dir
 from ds_table import ROWS, check_row, client_tls, delivered_with_subject, ds_config
 
 pytestmark = pytest.mark.postfix
@@ -45,10 +44,7 @@ def ds_lab6(request, partners):
     finally:
         if pf is not None:
             pf.cleanup()
-        factory.stop_all()
-        logs = [p.log_text() for p in factory.started]
-        shutil.rmtree(factory.root, ignore_errors=True)
-        assert_no_tracebacks(logs)
+        factory.close()
 
 
 def test_postfix_listens_on_ipv6(ds_lab6):

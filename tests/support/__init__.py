@@ -4,6 +4,7 @@ milterd process factory, the traceback check and a fake clock.  Fixtures stay in
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -69,6 +70,14 @@ class MilterdFactory:
     def stop_all(self) -> None:
         for p in self.started:
             p.stop()
+
+    def close(self) -> None:
+        """Stop every milterd, remove the lab directory, then fail on any unexpected traceback
+        in their logs (read before the directory goes)."""
+        self.stop_all()
+        logs = [p.log_text() for p in self.started]
+        shutil.rmtree(self.root, ignore_errors=True)
+        assert_no_tracebacks(logs)
 
 
 def assert_no_tracebacks(logs: list[str]) -> None:
