@@ -69,6 +69,7 @@ class TlsFacts:
     subject_dn: str | None = None       # full subject DN where the MTA gives one (Sendmail)
     issuer: str | None = None           # issuer CN (Postfix) or DN (Sendmail)
     fingerprint_sha256: str | None = None  # "AB:CD:…", any presented certificate
+    pubkey_sha256: str | None = None       # "AB:CD:…" of its SubjectPublicKeyInfo (key pins)
     fingerprint_other: str | None = None   # e.g. Sendmail's {cert_md5}: shown, never trusted
     dialect: str = "none"               # "postfix" | "sendmail" | "none"
 
@@ -83,7 +84,7 @@ class TlsFacts:
             return True
         if self.verify is CertVerify.NONE:
             return False
-        return True if self.fingerprint_sha256 else None
+        return True if (self.fingerprint_sha256 or self.pubkey_sha256) else None
 
 
 #: The facts of an unencrypted session (and of one whose TLS macros are absent or unusable):

@@ -1,10 +1,11 @@
 """Built-in plugin: inbound Domain Security (Exchange's TLSReceiveDomainSecureList).
 
-Mail covered by ``receive_domains`` (any plausible reading of the envelope sender or of any
+Mail covered by a receive partner (``receive_domains`` or ``[partners]`` with ``receive``; any plausible reading of the envelope sender or of any
 ``From:`` field, :mod:`milterd.policy.coverage`) must have arrived over TLS at
-the configured strength with a client certificate that is trusted and names the domain, or is
-pinned for it.  In ``enforce`` mode a failure is refused (550 5.7.1, or 450 4.7.1 with
-``failure_action = "tempfail"``); ``report`` mode never refuses.  The decision logic is the pure
+the partner's strength with a client certificate that is trusted and names the domain (or one of
+the partner's ``certificate_names``), or is pinned for it (certificate or public key), from the
+partner's ``client_networks`` when it has them.  A partner in ``enforce`` mode has a failure
+refused (550 5.7.1, or 450 4.7.1 with ``failure_action = "tempfail"``); ``report`` never refuses.  The decision logic is the pure
 :mod:`milterd.policy.domain_security`; this module only decides *when* to apply it:
 
 * MAIL FROM: envelope coverage, refused as early as possible — except a pinned partner on
@@ -26,72 +27,78 @@ from milterd.session import StashKey
 from milterd.verdict import Verdict, reject, tempfail
 
 
-def _refusal(config, result: ds.Result) -> Verdict | None:
-    cfg = config.domain_security
-    if result.status != ds.FAIL or cfg.mode != "enforce":
+def _refusal(result: ds.Result) -> Verdict | None:
+    # The partner's own mode and failure action travel with its result (ds.combine lets an
+    # enforce partner's failure win over a report partner's).
+    if not result.refuses:
         return None
     text = ds.failure_text(result)
-    if cfg.failure_action == "tempfail":
+    if result.failure_action == "tempfail":
         return tempfail(text, reason=result.reason or "")
     return reject(text, reason=result.reason or "")
 
 
-_ENVELOPE_DOMAINS: StashKey[tuple[str, ...]] = StashKey("domain_security.envelope_domains")
+_ENVELOPE_ENTRIES: StashKey[tuple[str, ...]] = StashKey("domain_security.envelope_entries")
 
 
-def _envelope_domains(config, message) -> tuple[str, ...]:
+def _envelope_entries(config, message) -> tuple[str, ...]:
     # Computed once per message: MAIL FROM, RCPT and end of message all need it.
-    domains = message.stash.get(_ENVELOPE_DOMAINS)
-    if domains is None:
-        domains = envelope_covered(message.sender, config.domain_security.receive_domains)
-        message.stash[_ENVELOPE_DOMAINS] = domains
-    return domains
+    entries = message.stash.get(_ENVELOPE_ENTRIES)
+    if entries is None:
+        entries = envelope_covered(message.sender, config.receive_entries, keep_dot=True)
+        message.stash[_ENVELOPE_ENTRIES] = entries
+    return entries
 
 
 def _receive_list(config) -> bool:
-    return bool(config.domain_security.receive_domains)
+    return bool(config.receive_entries)
 
 
-def _evaluate(config, connection, domains) -> ds.Result:
-    return ds.combine([ds.evaluate(connection.tls, d, config) for d in domains])
+def _pinned_receive_partner(config) -> bool:
+    return any(p.receive and p.pinned for p in config.partners)
+
+
+def _evaluate(config, connection, entries) -> ds.Result:
+    return ds.combine([ds.evaluate(connection.tls, config.partner(e),
+                                   client_address=connection.client_address) for e in entries])
 
 
 @hookimpl
 @only_if(_receive_list)
 def milterd_mail_from(config, connection, message):
-    domains = _envelope_domains(config, message)
-    if not domains:
+    entries = _envelope_entries(config, message)
+    if not entries:
         return None
-    result = _evaluate(config, connection, domains)
-    if result.status == ds.FAIL and ds.may_still_pass(connection.tls, result.domain, config):
-        return None  # decided at RCPT, once Postfix's policy request brought the fingerprint
+    result = _evaluate(config, connection, entries)
+    if result.status == ds.FAIL and ds.may_still_pass(connection.tls,
+                                                       config.partner(result.partner)):
+        return None  # decided at RCPT, once Postfix's policy request brought the fingerprints
     message.stash[ds.RESULT_KEY] = result
-    return _refusal(config, result)
+    return _refusal(result)
 
 
 @hookimpl
-@only_if(lambda config: _receive_list(config) and bool(config.peer_cert.pins))
+@only_if(lambda config: _receive_list(config) and _pinned_receive_partner(config))
 def milterd_rcpt_to(config, connection, message, recipient):
     # Pinned partners on Postfix are decided here, with the facts of the policy request Postfix
     # made for this very RCPT; every RCPT gets the same answer for the same facts.  Without pins,
     # Postfix need not wait for milterd at RCPT at all (one round trip less per recipient).
-    domains = _envelope_domains(config, message)
-    if not domains:
+    entries = _envelope_entries(config, message)
+    if not entries:
         return None
-    result = _evaluate(config, connection, domains)
+    result = _evaluate(config, connection, entries)
     message.stash[ds.RESULT_KEY] = result
-    return _refusal(config, result)
+    return _refusal(result)
 
 
 @hookimpl
 @only_if(_receive_list)
 def milterd_end_of_message(config, connection, message):
-    receive = config.domain_security.receive_domains
-    domains = list(_envelope_domains(config, message))
+    entries = list(_envelope_entries(config, message))
     froms = [v for n, v in message.headers if is_from_field(n)]
-    for d in from_covered(froms, receive):
-        if d not in domains:
-            domains.append(d)
-    result = _evaluate(config, connection, domains)
+    for e in from_covered(froms, config.receive_entries, keep_dot=True):
+        if e not in entries:
+            entries.append(e)
+    result = _evaluate(config, connection, entries)
     message.stash[ds.RESULT_KEY] = result
-    return _refusal(config, result)
+    return _refusal(result)

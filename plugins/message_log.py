@@ -36,11 +36,14 @@ def milterd_message_done(connection, message, verdict):
         "subject": tls.subject_dn or tls.subject_cn,
         "issuer": tls.issuer,
         "fingerprint": tls.fingerprint_sha256,
+        "pubkey_fingerprint": tls.pubkey_sha256,
         "verdict": verdict.metric_name,
         "reply": f"{verdict.code} {verdict.reply_text()}".strip() if verdict.code else None,
         "plugin": verdict.plugin or None,
         "domain_secure": result.status,
         "domain": result.domain,
+        "partner": result.partner,
+        "match": result.match,
         "reason": result.reason or (verdict.reason or None),
     }
     # The formatter renders the fields (key=value in text mode, keys in JSON mode).  Built with

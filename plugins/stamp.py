@@ -21,5 +21,6 @@ def milterd_header_edits(config, connection, message):
     edits: list = [DeleteHeader(name, i) for i in range(1, copies + 1)]
     result = message.stash.get(ds.RESULT_KEY) or ds.NOT_COVERED
     edits.append(AddHeader(name, stamp_value(connection.tls, result.status, result.domain,
-                                               result.reason), 0))
+                                             result.reason, partner=result.partner,
+                                             match=result.match), 0))
     return edits

@@ -8,12 +8,15 @@ config one error per restart is an admin who stops trusting the tool.
 
 from __future__ import annotations
 
+import functools
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
+
+from milterd.core.partners import PartnerTerms, build_partners
 
 TLS_VERSIONS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
 
@@ -141,7 +144,42 @@ class Config:
     stamp: StampConfig = field(default_factory=StampConfig)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
     outbound: OutboundConfig = field(default_factory=OutboundConfig)
+    # The effective terms of every partner (lists, [partners] tables and defaults merged):
+    # :mod:`milterd.core.partners`.  Decisions read these, never the lists directly.
+    partners: tuple[PartnerTerms, ...] = ()
     source: str = "<default>"
+
+    @functools.cached_property
+    def _partner_index(self) -> dict[str, PartnerTerms]:
+        return {p.entry: p for p in self.partners}
+
+    @functools.cached_property
+    def receive_entries(self) -> tuple[str, ...]:
+        """Entries (leading dot kept) of every partner with inbound Domain Security on."""
+        return tuple(p.entry for p in self.partners if p.receive)
+
+    @functools.cached_property
+    def send_entries(self) -> tuple[str, ...]:
+        """Entries of every partner with mandatory verified TLS outbound."""
+        return tuple(p.entry for p in self.partners if p.send)
+
+    def partner(self, entry: str) -> PartnerTerms | None:
+        """The terms of a configured entry (``"x.test"`` or ``".x.test"``), or None."""
+        return self._partner_index.get(entry)
+
+    def receive_partner(self, domain: str) -> PartnerTerms | None:
+        """The receive partner covering ``domain`` (the most specific entry), or None."""
+        from milterd.policy.names import domain_listed
+
+        entry = domain_listed(domain, self.receive_entries)
+        return self._partner_index.get(entry) if entry is not None else None
+
+    def send_partner(self, domain: str) -> PartnerTerms | None:
+        """The send partner covering ``domain`` (the most specific entry), or None."""
+        from milterd.policy.names import domain_listed
+
+        entry = domain_listed(domain, self.send_entries)
+        return self._partner_index.get(entry) if entry is not None else None
 
 
 def default_config_text() -> str:
@@ -231,6 +269,8 @@ def parse_config(text: str, *, source: str = "<string>") -> Config:
         ),
         source=source,
     )
+    config = replace(config, partners=build_partners(
+        v, config.domain_security, config.tls, config.peer_cert))
     v.reject_unknown()
     if v.errors:
         raise ConfigError([f"{source}: {e}" for e in v.errors])
@@ -379,6 +419,12 @@ class _Validator:
         present, value = self._lookup(key)
         if not present:
             return default
+        return self.get_value(key, value, types, default, check)
+
+    def get_value(self, key: str, value: Any, types: type | tuple[type, ...], default: Any,
+                  check: Callable[[Any], str | None] | None = None) -> Any:
+        """``value`` (found at ``key``) if it has one of ``types`` and passes ``check``; else
+        an error naming ``key`` and ``default``."""
         type_ok = isinstance(value, types) and not (
             isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,))
         )
@@ -487,6 +533,8 @@ class _Validator:
 
     def reject_unknown(self) -> None:
         for section, body in self.raw.items():
+            if section == "partners":
+                continue  # keys are domains: checked by milterd.core.partners
             if section not in _KNOWN_KEYS:
                 self.errors.append(f"{section}: unknown section")
                 continue

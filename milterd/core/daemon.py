@@ -129,8 +129,10 @@ class Daemon:
 
     def _config_metrics(self, config: Config) -> None:
         """The series a configuration brings: zeros for its domains, its certificates' expiry."""
-        self.app.metrics.prime_domains(config.domain_security.receive_domains,
-                                       config.domain_security.send_domains)
+        # Labelled as the counters are: the partner's domain (an entry without its leading dot).
+        self.app.metrics.prime_domains(
+            tuple(dict.fromkeys(e.lstrip(".") for e in config.receive_entries)),
+            tuple(dict.fromkeys(e.lstrip(".") for e in config.send_entries)))
         from milterd.certs.expiry import certificate_expiry
 
         paths = _configured_cert_paths(config)

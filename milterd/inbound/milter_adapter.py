@@ -419,7 +419,7 @@ class MilterSession(Milter.Base):
             return
         view = self.app.policy_views.get(c.client_address, c.client_port)
         if view is not None and view.agrees_with(base):
-            c.tls = merge_policy_facts(base, view.fingerprint)
+            c.tls = merge_policy_facts(base, view.fingerprint, view.pubkey_fingerprint)
         else:
             c.tls = base
 

@@ -25,9 +25,14 @@ from milterd.core.config import normalize_fingerprint
 from milterd.policy.dn import subject_cn, xtext_decode
 from milterd.session import PLAINTEXT, CertVerify, TlsFacts
 
+#: The SHA-256 of the client certificate's SubjectPublicKeyInfo, for key pins.  Sent by milterd's
+#: reference MTA (Sendmail dialect); Sendmail itself has no such macro, so with Sendmail a key
+#: pin never matches (fail closed) and only certificate pins ({cert_fp}) work.
+PUBKEY_MACRO = "{cert_pubkey_fp}"
+
 # The macros milterd asks the MTA for, per stage.  Postfix ignores names it does not know.
 TLS_MACROS = ("{tls_version}", "{cipher}", "{cipher_bits}", "{cert_subject}", "{cert_issuer}",
-              "{verify}", "{cn_subject}", "{cert_fp}", "{cert_md5}")
+              "{verify}", "{cn_subject}", "{cert_fp}", "{cert_md5}", PUBKEY_MACRO)
 
 _SENDMAIL_VERIFIED = {"OK", "TRUSTED"}
 _SENDMAIL_NO_CERT = {"NO", "NONE", "NOT", "CLEAR"}
@@ -111,6 +116,10 @@ def _sendmail(version: str, cipher: str | None, bits: int | None, verify_raw: st
     fp_raw = _clean(macros.get("{cert_fp}"))
     md5 = _clean(macros.get("{cert_md5}"))
     fp256 = normalize_fingerprint(fp_raw) if fp_raw else None
+    key_raw = _clean(macros.get(PUBKEY_MACRO))
+    key256 = normalize_fingerprint(key_raw) if key_raw else None
+    if key_raw and key256 is None:
+        warnings.append(f"malformed {PUBKEY_MACRO} {key_raw[:80]!r}")
     other = None
     if fp_raw and fp256 is None:
         other = fp_raw  # SHA-1 or MD5 per CertFingerprintAlgorithm: display only
@@ -120,15 +129,17 @@ def _sendmail(version: str, cipher: str | None, bits: int | None, verify_raw: st
         cn = subject_dn = None
     return TlsFacts(version=version, cipher=cipher, bits=bits, verify=verify, subject_cn=cn,
                     subject_dn=subject_dn, issuer=issuer_dn, fingerprint_sha256=fp256,
-                    fingerprint_other=other, dialect="sendmail"), warnings
+                    pubkey_sha256=key256, fingerprint_other=other, dialect="sendmail"), warnings
 
 
 def _plausible_name(cn: str) -> bool:
     return all(32 < ord(c) < 127 for c in cn)
 
 
-def merge_policy_facts(facts: TlsFacts, fingerprint: str | None) -> TlsFacts:
-    """Add what Postfix's policy delegation knows: the SHA-256 fingerprint of *any* client cert.
+def merge_policy_facts(facts: TlsFacts, fingerprint: str | None,
+                       pubkey_fingerprint: str | None = None) -> TlsFacts:
+    """Add what Postfix's policy delegation knows: the SHA-256 fingerprints of *any* client
+    certificate and of its public key (``ccert_fingerprint``, ``ccert_pubkey_fingerprint``).
 
     With a fingerprint but no trusted-cert macros the certificate was presented and untrusted;
     with an empty fingerprint on a TLS session, no certificate was presented.
@@ -136,7 +147,9 @@ def merge_policy_facts(facts: TlsFacts, fingerprint: str | None) -> TlsFacts:
     if facts.dialect != "postfix" or not facts.encrypted:
         return facts
     fp = normalize_fingerprint(fingerprint) if fingerprint else None
+    key = normalize_fingerprint(pubkey_fingerprint) if pubkey_fingerprint else None
     verify = facts.verify
     if verify is CertVerify.UNKNOWN:
-        verify = CertVerify.FAIL if fp else CertVerify.NONE
-    return replace(facts, fingerprint_sha256=fp or facts.fingerprint_sha256, verify=verify)
+        verify = CertVerify.FAIL if (fp or key) else CertVerify.NONE
+    return replace(facts, fingerprint_sha256=fp or facts.fingerprint_sha256,
+                   pubkey_sha256=key or facts.pubkey_sha256, verify=verify)

@@ -42,7 +42,9 @@ def build_resolver(config: Config) -> PolicyResolver:
                 servers.append(entry)
     dns = DnsClient(nameservers=servers, port=port)
     sts = MtaStsClient(dns, ca_file=ob.mtasts_ca_file)
-    return PolicyResolver(config.domain_security.send_domains, config.tls.min_version, dns, sts,
+    return PolicyResolver(config.send_entries, config.tls.min_version, dns, sts,
+                          send_terms={p.entry: (p.server_names, p.min_version)
+                                      for p in config.partners if p.send},
                           on_dns_error=ob.on_dns_error)  # type: ignore[arg-type]
 
 
@@ -66,7 +68,7 @@ def start_socketmap(app: App, config: Config) -> _SocketmapService:
 
 def count_result(app: App, result: OutboundResult) -> None:
     """The outbound counters for one delivery result (send-list domains only)."""
-    entry = domain_listed(result.recipient_domain, app.config.domain_security.send_domains)
+    entry = domain_listed(result.recipient_domain, app.config.send_entries)
     if entry is None:
         return
     domain = entry.lstrip(".")

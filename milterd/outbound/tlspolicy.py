@@ -53,7 +53,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Callable, Literal, Mapping, Sequence
 
 from milterd.core.cache import TtlLruCache
 from milterd.outbound.dns import DnsClient, DnsTempError
@@ -182,6 +182,9 @@ class PolicyResolver:
     :param send_match: ``match=`` templates for send-list answers; ``{domain}`` is the key's host.
     :param sts_testing_answer: ``"notfound"`` or ``"may"`` for MTA-STS testing mode.
     :param on_dns_error: ``"temp"`` (default, defer) or ``"notfound"`` (fail open).
+    :param send_terms: per send-list entry, the partner's ``(server_names, min_version)``
+        (``[partners]``): non-empty server names replace the ``match=`` templates for that entry
+        (a hosted partner's MX certificates name the provider), a min_version its ``protocols``.
     """
 
     def __init__(
@@ -200,6 +203,7 @@ class PolicyResolver:
         send_match: Sequence[str] = ("{domain}", ".{domain}"),
         sts_testing_answer: Literal["notfound", "may"] = "notfound",
         on_dns_error: Literal["temp", "notfound"] = "temp",
+        send_terms: Mapping[str, tuple[Sequence[str], str | None]] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if min_protocol is not None and min_protocol not in TLS_PROTOCOLS:
@@ -210,6 +214,10 @@ class PolicyResolver:
             raise ValueError("on_dns_error must be temp or notfound")
         self.send_domains = tuple(send_domains)
         self.min_protocol = min_protocol
+        self._send_terms = dict(send_terms or {})
+        for names, version in self._send_terms.values():
+            if version is not None and version not in TLS_PROTOCOLS:
+                raise ValueError(f"min_version must be one of {', '.join(TLS_PROTOCOLS)}")
         self._dns = dns
         self._sts = mtasts
         self._negative_ttl = negative_ttl
@@ -226,12 +234,17 @@ class PolicyResolver:
     # -- pure parts --------------------------------------------------------------------------
     def send_list_answer(self, hop: NextHop) -> PolicyAnswer | None:
         """The send-list answer for ``hop``, or None if it is not on the send list."""
-        if hop.is_ip or domain_listed(hop.host, self.send_domains) is None:
+        entry = None if hop.is_ip else domain_listed(hop.host, self.send_domains)
+        if entry is None:
             return None
-        patterns = ":".join(t.format(domain=hop.host) for t in self._send_match)
+        names, min_protocol = self._send_terms.get(entry, ((), self.min_protocol))
+        if names:
+            patterns = ":".join(names)
+        else:
+            patterns = ":".join(t.format(domain=hop.host) for t in self._send_match)
         policy = f"secure match={patterns}"
-        if self.min_protocol:
-            policy += f" protocols=>={self.min_protocol}"
+        if min_protocol:
+            policy += f" protocols=>={min_protocol}"
         return PolicyAnswer("secure", policy, "send_list", hop.host)
 
     @staticmethod

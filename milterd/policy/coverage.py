@@ -260,33 +260,37 @@ def value_domains(value: str) -> frozenset[str]:
     return _value_domains(value)
 
 
-def covered_entries(domains, receive_domains: tuple[str, ...]) -> tuple[str, ...]:
-    """The receive-list entries (without the leading dot) that cover any of ``domains``."""
+def covered_entries(domains, receive_domains: tuple[str, ...], *,
+                    keep_dot: bool = False) -> tuple[str, ...]:
+    """The receive-list entries covering any of ``domains``: without the leading dot (the
+    covered domain), or as configured with ``keep_dot`` (the partner entry, for its terms)."""
     out: list[str] = []
     for d in sorted(domains):
         entry = domain_listed(d, receive_domains)
         if entry is not None:
-            e = entry.lstrip(".")
+            e = entry if keep_dot else entry.lstrip(".")
             if e not in out:
                 out.append(e)
     return tuple(out)
 
 
-def envelope_covered(sender: str, receive_domains: tuple[str, ...]) -> tuple[str, ...]:
+def envelope_covered(sender: str, receive_domains: tuple[str, ...], *,
+                     keep_dot: bool = False) -> tuple[str, ...]:
     """Covered domains (list entries without the leading dot) named by the envelope sender."""
     if not receive_domains or not sender:
         return ()
-    return covered_entries(value_domains(sender), receive_domains)
+    return covered_entries(value_domains(sender), receive_domains, keep_dot=keep_dot)
 
 
-def from_covered(values: list[str], receive_domains: tuple[str, ...]) -> tuple[str, ...]:
+def from_covered(values: list[str], receive_domains: tuple[str, ...], *,
+                 keep_dot: bool = False) -> tuple[str, ...]:
     """Covered domains named by any of the ``From:`` field values (each read on its own)."""
     if not receive_domains:
         return ()
     domains: set[str] = set()
     for v in values:
         domains |= value_domains(v)
-    return covered_entries(domains, receive_domains)
+    return covered_entries(domains, receive_domains, keep_dot=keep_dot)
 
 
 def is_from_field(name: str) -> bool:

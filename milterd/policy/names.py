@@ -172,6 +172,25 @@ def name_covers_domain(presented: str, domain: str) -> bool:
     return pres is not None and _under(pres, dom)
 
 
+def reference_matches(presented: str, reference: str) -> bool:
+    """A partner's configured ``certificate_names`` entry: ``mx.hoster.test`` is matched by the
+    presented identifier per RFC 9525 (:func:`name_matches`: exact, or a ``*.hoster.test``
+    wildcard); ``.hoster.test`` by any name strictly under ``hoster.test`` (a wildcard whose
+    base is ``hoster.test`` or under it), never by ``hoster.test`` itself — the list semantics."""
+    if not isinstance(reference, str):
+        return False
+    if not reference.startswith("."):
+        return name_matches(presented, reference)
+    parent = _labels(reference[1:])
+    if parent is None:
+        return False
+    if isinstance(presented, str) and presented.startswith("*"):
+        base = _wildcard_base(presented)
+        return base is not None and _under(base, parent)
+    pres = _labels(presented)
+    return pres is not None and len(pres) > len(parent) and _under(pres, parent)
+
+
 def domain_listed(domain: str, entries: Iterable[str]) -> str | None:
     """The receive/send list entry (normalised) covering ``domain``, or None.
 

@@ -16,16 +16,17 @@ from typing import Literal
 # -- Inbound: why a message from a receive-list domain failed -----------------------------------
 
 NO_TLS = "no_tls"                      # the session was not encrypted
-TLS_VERSION = "tls_version"            # below [tls] min_version
-CIPHER_BITS = "cipher_bits"            # below [tls] min_cipher_bits
+TLS_VERSION = "tls_version"            # below the partner's min_version
+CIPHER_BITS = "cipher_bits"            # below the partner's min_cipher_bits
 NO_TRUSTED_CERT = "no_trusted_cert"    # no client certificate, or one whose chain did not verify
 NAME_MISMATCH = "name_mismatch"        # trusted certificate, but it does not name the domain
 ISSUER_NOT_ALLOWED = "issuer_not_allowed"  # trusted certificate from an issuer off the allow-list
 PIN_MISMATCH = "pin_mismatch"          # pins exist for the domain; the certificate matches none
                                        # and is not otherwise acceptable
+CLIENT_NETWORK = "client_network"      # the partner's client_networks do not contain the client
 
 ALL = (NO_TLS, TLS_VERSION, CIPHER_BITS, NO_TRUSTED_CERT, NAME_MISMATCH, ISSUER_NOT_ALLOWED,
-       PIN_MISMATCH)                   # every inbound reason
+       PIN_MISMATCH, CLIENT_NETWORK)   # every inbound reason
 
 DESCRIPTIONS = {
     NO_TLS: "message was not sent over TLS",
@@ -35,6 +36,7 @@ DESCRIPTIONS = {
     NAME_MISMATCH: "client certificate does not name the domain",
     ISSUER_NOT_ALLOWED: "client certificate issuer is not allowed",
     PIN_MISMATCH: "client certificate does not match the pinned fingerprint",
+    CLIENT_NETWORK: "client address is outside the partner's networks",
 }
 
 # -- Outbound: why a delivery attempt to a send-list domain failed ------------------------------

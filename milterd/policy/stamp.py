@@ -1,7 +1,9 @@
 """The trace header's grammar, as a pure function (interface.md "Trace header").
 
 ``tls=TLSv1.3; cipher=…; bits=256; verify=ok; subject="…"; issuer="…"; domain-secure=pass;
-domain=woodgrovebank.test`` (plus ``reason=…`` when domain-secure=fail, e.g. in report mode)
+domain=woodgrovebank.test`` (plus ``reason=…`` when domain-secure=fail, e.g. in report mode, and for
+covered mail ``partner=<entry>`` — whose terms applied — and, on a pass, ``match=domain|
+certificate_name|cert_pin|key_pin``)
 
 Values that come from the peer (certificate names) are attacker-chosen: a CN can hold quotes,
 semicolons, CR/LF or non-ASCII.  Every such value is written as a quoted-string in which only
@@ -46,7 +48,8 @@ def _token_or_quoted(value: str) -> str:
 
 
 def stamp_value(tls: TlsFacts, ds_status: str, ds_domain: str | None,
-                ds_reason: str | None = None) -> str:
+                ds_reason: str | None = None, *, partner: str | None = None,
+                match: str | None = None) -> str:
     verify = {CertVerify.OK: "ok", CertVerify.FAIL: "fail"}.get(tls.verify, "none")
     parts = [f"tls={_token_or_quoted(tls.version) if tls.version else 'none'}"]
     if tls.encrypted:
@@ -65,6 +68,10 @@ def stamp_value(tls: TlsFacts, ds_status: str, ds_domain: str | None,
         parts.append(f"domain={ds_domain}")
     if ds_reason:  # report mode delivers failures: say why (a closed set, see milterd.policy.reasons)
         parts.append(f"reason={ds_reason}")
+    if partner:  # whose terms applied: the partner entry (".x.test" for a subdomain entry)
+        parts.append(f"partner={_token_or_quoted(partner)}")
+    if match:    # how the certificate passed: domain | certificate_name | cert_pin | key_pin
+        parts.append(f"match={_token_or_quoted(match)}")
     return "; ".join(parts)
 
 

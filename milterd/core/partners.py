@@ -1,0 +1,266 @@
+"""Partner terms: one connector per partner domain, merged from the lists, the tables and defaults.
+
+Every partner is a :class:`PartnerTerms` value: what Domain Security requires of mail *from* it
+(``receive``) and *to* it (``send``).  The terms come from three places, merged here once:
+
+* ``[partners."<entry>"]`` tables — every key optional;
+* the lists ``[domain_security] receive_domains`` / ``send_domains`` and ``[peer_cert.pins]`` —
+  each entry is a partner with default terms (so configs from before partner tables work
+  unchanged);
+* the global keys (``[domain_security] mode/failure_action``, ``[tls]``, ``[peer_cert]``) — the
+  defaults of every term a table leaves out.
+
+A table wins over a list for its own entry; a term set in two places that disagree is an error
+(``receive = false`` for a domain on ``receive_domains``, table pins that differ from
+``[peer_cert.pins]``, two table keys that name one domain).  An entry keeps the list semantics:
+``woodgrovebank.test`` covers that domain, ``.woodgrovebank.test`` its subdomains only; the most
+specific entry wins (:func:`milterd.policy.names.domain_listed`).
+
+Pins have one spelling per kind, so a pasted value can never be read as the other kind:
+``cert-sha256:AB:CD:…`` (SHA-256 of the whole DER certificate: ``openssl x509 -fingerprint
+-sha256``, Postfix's ``ccert_fingerprint``, Sendmail's ``{cert_fp}``) and ``key-sha256:AB:CD:…``
+(SHA-256 of the DER SubjectPublicKeyInfo: Postfix's ``ccert_pubkey_fingerprint``; survives a
+re-issue with the same key).  ``[peer_cert.pins]`` values stay certificate pins.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from milterd.core.config import DomainSecurityConfig, PeerCertConfig, TlsConfig, _Validator
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+CERT_PIN_PREFIX = "cert-sha256:"
+KEY_PIN_PREFIX = "key-sha256:"
+
+#: Every key a ``[partners."…"]`` table may hold.
+TABLE_KEYS = ("receive", "mode", "failure_action", "certificate_names", "trusted_issuers", "pins",
+              "min_version", "min_cipher_bits", "client_networks", "send", "server_names")
+
+
+@dataclass(frozen=True)
+class PartnerTerms:
+    """The effective terms of one partner entry (see the module docstring)."""
+
+    entry: str                                  # "woodgrovebank.test" or ".woodgrovebank.test"
+    receive: bool = False
+    send: bool = False
+    mode: str = "enforce"                       # enforce | report
+    failure_action: str = "reject"              # reject | tempfail
+    certificate_names: tuple[str, ...] = ()     # reference identities besides the domain
+    trusted_issuers: tuple[str, ...] = ()
+    cert_pins: tuple[str, ...] = ()             # "AB:CD:…" SHA-256 of the certificate
+    key_pins: tuple[str, ...] = ()              # "AB:CD:…" SHA-256 of the SubjectPublicKeyInfo
+    min_version: str = "TLSv1.2"
+    min_cipher_bits: int = 128
+    client_networks: tuple[IpNetwork, ...] = ()
+    server_names: tuple[str, ...] = ()          # Postfix match= names for its MX certificates
+    table: bool = False                         # configured by a [partners."…"] table
+    explicit: frozenset[str] = field(default_factory=frozenset)  # keys its table sets
+
+    @property
+    def domain(self) -> str:
+        """The domain the entry names (without the leading dot): metric label, stamp ``domain=``."""
+        return self.entry.lstrip(".")
+
+    @property
+    def pinned(self) -> bool:
+        return bool(self.cert_pins or self.key_pins)
+
+    def pin_lines(self) -> list[str]:
+        return ([CERT_PIN_PREFIX + p for p in self.cert_pins]
+                + [KEY_PIN_PREFIX + p for p in self.key_pins])
+
+
+def parse_pin(value: Any) -> tuple[str, str] | None:
+    """``"cert-sha256:…"`` / ``"key-sha256:…"`` → ``("cert"|"key", "AB:CD:…")``; None if neither."""
+    from milterd.core.config import normalize_fingerprint
+
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    low = text.lower()
+    for kind, prefix in (("cert", CERT_PIN_PREFIX), ("key", KEY_PIN_PREFIX)):
+        if low.startswith(prefix):
+            fp = normalize_fingerprint(text[len(prefix):])
+            return (kind, fp) if fp is not None else None
+    return None
+
+
+def reference_identity(value: Any) -> str | None:
+    """A configured certificate/server name: a DNS host name (A-label form), or ``.parent`` for
+    any host under ``parent``.  Wildcards belong in certificates, not here; an IP address, a
+    single label or anything that is not a DNS name cannot be a reference identity (RFC 9525)."""
+    from milterd.policy.names import normalize_dns_name
+
+    if not isinstance(value, str) or "*" in value:
+        return None
+    dotted = value.startswith(".")
+    name = normalize_dns_name(value[1:] if dotted else value)
+    if name is None or "." not in name:
+        return None
+    return "." + name if dotted else name
+
+
+def _network(value: Any) -> IpNetwork | None:
+    if not isinstance(value, str) or not value.isascii():
+        return None
+    try:
+        return ipaddress.ip_network(value.strip(), strict=True)
+    except ValueError:
+        return None
+
+
+def build_partners(v: "_Validator", ds: "DomainSecurityConfig", tls: "TlsConfig",
+                   peer: "PeerCertConfig") -> tuple[PartnerTerms, ...]:
+    """Merge tables, lists and global defaults into one term set per entry (errors go to ``v``)."""
+    from milterd.core.config import TLS_VERSIONS
+
+    raw = v.get("partners", dict, {})
+    tables: dict[str, tuple[str, dict]] = {}   # entry -> (key as written, raw table)
+    for written, body in raw.items():
+        key = f'partners."{written}"'
+        entry = _entry(written)
+        if entry is None:
+            v.errors.append(f"{key}: {written!r} is not a domain name "
+                            '(use "example.com", or ".example.com" for its subdomains)')
+            continue
+        if not isinstance(body, dict):
+            v.errors.append(f"{key}: must be a table")
+            continue
+        for k in body:
+            if k not in TABLE_KEYS:
+                v.errors.append(f"{key}.{k}: unknown key")
+        if entry in tables:
+            first = tables[entry][0]
+            if tables[entry][1] != body:
+                v.errors.append(f'{key}: names the same domain as partners."{first}" with '
+                                "different terms (configure each domain once)")
+            continue
+        tables[entry] = (written, body)
+
+    legacy_pins = dict(peer.pins)
+    entries: list[str] = []
+    for e in (*ds.receive_domains, *ds.send_domains, *legacy_pins, *tables):
+        if e not in entries:
+            entries.append(e)
+
+    out = []
+    for entry in entries:
+        written, body = tables.get(entry, (entry, None))
+        key = f'partners."{written}"'
+        t = body or {}
+
+        def get(name: str, types: Any, default: Any, check: Any = None) -> Any:
+            if name not in t:
+                return default
+            return v.get_value(f"{key}.{name}", t[name], types, default, check)
+
+        listed_receive = entry in ds.receive_domains
+        listed_send = entry in ds.send_domains
+        receive = get("receive", bool, listed_receive)
+        send = get("send", bool, listed_send)
+        if "receive" in t and t["receive"] is False and listed_receive:
+            v.errors.append(f"{key}.receive: false, but {entry!r} is on "
+                            "domain_security.receive_domains (configure it in one place)")
+        if "send" in t and t["send"] is False and listed_send:
+            v.errors.append(f"{key}.send: false, but {entry!r} is on "
+                            "domain_security.send_domains (configure it in one place)")
+        if body is not None and not receive and not send and "receive" not in t \
+                and "send" not in t:
+            v.errors.append(f"{key}: neither receive nor send is on (the domain is on no list): "
+                            "set receive = true and/or send = true")
+
+        mode = get("mode", str, ds.mode)
+        if mode not in ("enforce", "report"):
+            v.errors.append(f"{key}.mode: must be one of enforce, report (got {mode!r})")
+            mode = ds.mode
+        action = get("failure_action", str, ds.failure_action)
+        if action not in ("reject", "tempfail"):
+            v.errors.append(f"{key}.failure_action: must be one of reject, tempfail "
+                            f"(got {action!r})")
+            action = ds.failure_action
+        min_version = get("min_version", str, tls.min_version)
+        if min_version not in TLS_VERSIONS:
+            v.errors.append(f"{key}.min_version: must be one of {', '.join(TLS_VERSIONS)} "
+                            f"(got {min_version!r})")
+            min_version = tls.min_version
+        bits = get("min_cipher_bits", int, tls.min_cipher_bits,
+                   lambda x: None if x >= 0 else "must not be negative")
+
+        names = _names(v, f"{key}.certificate_names", get("certificate_names", list, []))
+        server_names = _names(v, f"{key}.server_names", get("server_names", list, []))
+        issuers = get("trusted_issuers", list, list(peer.trusted_issuers),
+                      lambda x: None if all(isinstance(i, str) for i in x)
+                      else "must be a list of strings")
+
+        networks = []
+        for n in get("client_networks", list, []):
+            net = _network(n)
+            if net is None:
+                v.errors.append(f"{key}.client_networks: {n!r} is not an IPv4/IPv6 network "
+                                '("192.0.2.0/24", "2001:db8::/32", host bits zero)')
+            else:
+                networks.append(net)
+
+        cert_pins: list[str] = []
+        key_pins: list[str] = []
+        legacy = legacy_pins.get(entry.lstrip("."), ())
+        if "pins" in t:
+            pins = t["pins"]
+            if not isinstance(pins, list):
+                v.errors.append(f"{key}.pins: expected a list of "
+                                f'"{CERT_PIN_PREFIX}…" / "{KEY_PIN_PREFIX}…" strings')
+                pins = []
+            for p in pins:
+                parsed = parse_pin(p)
+                if parsed is None:
+                    v.errors.append(
+                        f"{key}.pins: {p!r} is not a pin: write \"{CERT_PIN_PREFIX}<64 hex>\" "
+                        f"(certificate) or \"{KEY_PIN_PREFIX}<64 hex>\" (public key); "
+                        "`milterd cert list` prints both")
+                    continue
+                (cert_pins if parsed[0] == "cert" else key_pins).append(parsed[1])
+            if legacy and (set(legacy) != set(cert_pins) or key_pins):
+                v.errors.append(f"{key}.pins: differ from peer_cert.pins.\"{entry.lstrip('.')}\" "
+                                "(configure the pins in one place)")
+        else:
+            cert_pins = list(legacy)
+
+        out.append(PartnerTerms(
+            entry=entry, receive=bool(receive), send=bool(send), mode=mode,
+            failure_action=action, certificate_names=names, trusted_issuers=tuple(issuers),
+            cert_pins=tuple(dict.fromkeys(cert_pins)), key_pins=tuple(dict.fromkeys(key_pins)),
+            min_version=min_version, min_cipher_bits=bits, client_networks=tuple(networks),
+            server_names=server_names, table=body is not None,
+            explicit=frozenset(k for k in t if k in TABLE_KEYS)))
+    return tuple(out)
+
+
+def _entry(written: str) -> str | None:
+    from milterd.policy.names import normalize_dns_name
+
+    if not isinstance(written, str) or "*" in written:
+        return None
+    dotted = written.startswith(".")
+    name = normalize_dns_name(written[1:] if dotted else written)
+    if name is None:
+        return None
+    return "." + name if dotted else name
+
+
+def _names(v: "_Validator", key: str, values: Any) -> tuple[str, ...]:
+    out: list[str] = []
+    for n in values if isinstance(values, list) else []:
+        ref = reference_identity(n)
+        if ref is None:
+            v.errors.append(f"{key}: {n!r} cannot be a reference identity (a DNS host name "
+                            'such as "mx.hoster.test", or ".hoster.test" for any host under it; '
+                            "no wildcards, IP addresses or single labels)")
+        elif ref not in out:
+            out.append(ref)
+    return tuple(out)
