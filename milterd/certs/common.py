@@ -5,6 +5,7 @@ through ``os.open``, never overwritten; new directories 0700)."""
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import os
 from typing import Any
 
@@ -61,6 +62,13 @@ def sha1_thumbprint(cert: x509.Certificate) -> str:
 def sha256_fingerprint(cert: x509.Certificate) -> str:
     """Upper-case hex SHA-256 with colons: the form Postfix's ccert_fingerprint and pins use."""
     return ":".join("%02X" % b for b in cert.fingerprint(hashes.SHA256()))
+
+
+def pubkey_sha256_fingerprint(cert: x509.Certificate) -> str:
+    """Upper-case hex SHA-256 with colons of the DER SubjectPublicKeyInfo: Postfix's
+    ``ccert_pubkey_fingerprint`` (sha256 digest) and milterd's ``key-sha256:`` pins.  It stays the
+    same when a certificate is re-issued for the same key."""
+    return ":".join("%02X" % b for b in hashlib.sha256(public_key_der(cert)).digest())
 
 
 def dns_sans(cert: x509.Certificate) -> list[str]:

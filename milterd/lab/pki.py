@@ -26,8 +26,17 @@ class Issued:
 
     @property
     def sha256(self) -> str:
-        d = self.cert.fingerprint(hashes.SHA256()).hex().upper()
-        return ":".join(d[i:i + 2] for i in range(0, len(d), 2))
+        """The certificate pin value (``cert-sha256:`` + this)."""
+        from milterd.certs.common import sha256_fingerprint
+
+        return sha256_fingerprint(self.cert)
+
+    @property
+    def pubkey_sha256(self) -> str:
+        """The public-key pin value (``key-sha256:`` + this): unchanged by a same-key re-issue."""
+        from milterd.certs.common import pubkey_sha256_fingerprint
+
+        return pubkey_sha256_fingerprint(self.cert)
 
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
@@ -86,13 +95,15 @@ class TestPKI:
     def issue(self, stem: str, cn: str | None, sans: tuple[str, ...] | list[str] | None = None,
               org: str | None | type[Ellipsis] = ..., *, self_signed: bool = False,
               days: int = 90, not_before_days: int = -1,
-              not_after: dt.datetime | None = None) -> Issued:
+              not_after: dt.datetime | None = None,
+              key: ec.EllipticCurvePrivateKey | None = None) -> Issued:
         """A leaf for ``cn`` (serverAuth + clientAuth, as MTA certificates are used both ways).
 
         ``sans`` None or empty: the CN is the only DNS SAN; ``org`` defaults to the CA's;
-        ``not_after`` in the past makes an expired certificate.
+        ``not_after`` in the past makes an expired certificate; ``key`` re-issues for an existing
+        key (a renewal that keeps the key: same public-key pin, new certificate pin).
         """
-        key = ec.generate_private_key(ec.SECP256R1())
+        key = key or ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.timezone.utc)
         subject = _name(cn, self.org if org is ... else org)  # type: ignore[arg-type]
         sans = tuple(sans) if sans else ((cn,) if cn else ())

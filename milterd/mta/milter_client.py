@@ -35,13 +35,14 @@ DEFAULT_MACROS: dict[int, tuple[str, ...]] = {
                     "{cert_issuer}", "{cn_subject}", "{cn_issuer}", "{cert_fp}"),
     mc.SMFIM_ENVFROM: ("i", "{auth_type}", "{auth_authen}", "{mail_addr}", "{tls_version}",
                        "{cipher}", "{cipher_bits}", "{verify}", "{cert_subject}", "{cert_issuer}",
-                       "{cn_subject}", "{cn_issuer}", "{cert_fp}", "{client_addr}",
-                       "{client_port}"),
+                       "{cn_subject}", "{cn_issuer}", "{cert_fp}", "{cert_pubkey_fp}",
+                       "{client_addr}", "{client_port}"),
     mc.SMFIM_ENVRCPT: ("i", "{rcpt_addr}", "{rcpt_host}", "{rcpt_mailer}"),
     mc.SMFIM_DATA: ("i",),
     mc.SMFIM_EOH: ("i",),
     mc.SMFIM_EOM: ("i", "{msg_id}", "{tls_version}", "{cipher}", "{cipher_bits}", "{verify}",
-                   "{cert_subject}", "{cert_issuer}", "{cn_subject}", "{cn_issuer}", "{cert_fp}"),
+                   "{cert_subject}", "{cert_issuer}", "{cn_subject}", "{cn_issuer}", "{cert_fp}",
+                   "{cert_pubkey_fp}"),
 }
 
 _STAGE_COMMAND = {

@@ -45,6 +45,8 @@ from cryptography.x509.oid import NameOID
 from cryptography.x509.verification import (ExtensionPolicy, PolicyBuilder, Store,
                                             VerificationError)
 
+from milterd.certs.common import pubkey_sha256_fingerprint
+from milterd.inbound.tlsfacts import PUBKEY_MACRO
 from milterd.policy.names import name_covers_domain
 
 log = logging.getLogger(__name__)
@@ -247,6 +249,7 @@ class CertFacts:
     serial: str           # upper-case hex
     sha256: str           # upper-case hex with colons
     sha1: str             # upper-case hex, no colons (Exchange "thumbprint")
+    pubkey_sha256: str    # SHA-256 of the SubjectPublicKeyInfo, upper-case hex with colons
     dns_names: tuple[str, ...]
     subject_exchange: str
     issuer_exchange: str
@@ -276,6 +279,7 @@ class CertFacts:
             serial="%X" % cert.serial_number,
             sha256=colon_hex(hashlib.sha256(der).digest()),
             sha1=hashlib.sha1(der).hexdigest().upper(),
+            pubkey_sha256=pubkey_sha256_fingerprint(cert),
             dns_names=dns, subject_exchange=exchange_dn(cert.subject),
             issuer_exchange=exchange_dn(cert.issuer),
             not_after=cert.not_valid_after_utc.isoformat(),
@@ -315,6 +319,8 @@ class TlsHandshakeFacts:
             "{cn_subject}": xtext(c.subject_cn) if c else "",
             "{cn_issuer}": xtext(c.issuer_cn) if c else "",
             "{cert_fp}": c.sha256 if c else "",
+            # Not a Sendmail macro: milterd's key pins (Sendmail itself cannot give them).
+            PUBKEY_MACRO: c.pubkey_sha256 if c else "",
         }
 
 
