@@ -1,4 +1,4 @@
-"""``milterd`` command line: run, check-config, default-config, cert …, tlsrpt, demo."""
+"""``milterd`` command line: run, check-config, partners, default-config, cert …, tlsrpt, demo."""
 
 from __future__ import annotations
 
@@ -23,6 +23,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-config", help="validate a config file (exit 2 listing every error)")
     p.add_argument("-c", "--config", required=True)
     p.set_defaults(func=_cmd_check_config)
+
+    p = sub.add_parser("partners", help="print the effective terms of every partner "
+                       "(lists, [partners] tables and defaults merged)")
+    p.add_argument("-c", "--config", help="TOML config file (default: the embedded default)")
+    p.add_argument("--json", action="store_true", help="JSON instead of TOML tables")
+    p.set_defaults(func=_cmd_partners)
 
     p = sub.add_parser("default-config", help="print the embedded default config")
     p.set_defaults(func=_cmd_default_config)
@@ -66,7 +72,25 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     except Exception as exc:
         print(f"{args.config}: plugins: {exc}", file=sys.stderr)
         return 2
+    from milterd.core.partners import partner_notes
+
+    for note in partner_notes(config):
+        print(f"{args.config}: {note}", file=sys.stderr)
     print(f"{args.config}: OK")
+    return 0
+
+
+def _cmd_partners(args: argparse.Namespace) -> int:
+    from milterd.core.config import ConfigError, load_config
+    from milterd.core.partners import render_partners
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        for e in exc.errors:
+            print(e, file=sys.stderr)
+        return 2
+    sys.stdout.write(render_partners(config, as_json=args.json))
     return 0
 
 

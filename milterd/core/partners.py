@@ -264,3 +264,94 @@ def _names(v: "_Validator", key: str, values: Any) -> tuple[str, ...]:
         elif ref not in out:
             out.append(ref)
     return tuple(out)
+
+
+# -- what an admin reads: `milterd partners` and check-config notes ------------------------------
+
+def _toml_value(value: Any) -> str:
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value), ensure_ascii=False)
+
+
+def _origins(p: PartnerTerms, config: Any) -> dict[str, str]:
+    """Where each effective term came from, for the comment after it."""
+    ds = config.domain_security
+    listed = {
+        "receive": "receive_domains" if p.entry in ds.receive_domains else None,
+        "send": "send_domains" if p.entry in ds.send_domains else None,
+        "pins": "peer_cert.pins" if p.cert_pins and "pins" not in p.explicit else None,
+    }
+    defaults = {"mode": "domain_security.mode", "failure_action": "domain_security.failure_action",
+                "trusted_issuers": "peer_cert.trusted_issuers", "min_version": "tls.min_version",
+                "min_cipher_bits": "tls.min_cipher_bits"}
+    out = {}
+    for key in TABLE_KEYS:
+        if key in p.explicit:
+            out[key] = "table"
+        elif listed.get(key):
+            out[key] = f"from {listed[key]}"
+        elif key in defaults:
+            out[key] = f"default: {defaults[key]}"
+        else:
+            out[key] = "default"
+    return out
+
+
+def partner_values(p: PartnerTerms) -> dict[str, Any]:
+    return {
+        "receive": p.receive, "mode": p.mode, "failure_action": p.failure_action,
+        "certificate_names": list(p.certificate_names),
+        "trusted_issuers": list(p.trusted_issuers), "pins": p.pin_lines(),
+        "min_version": p.min_version, "min_cipher_bits": p.min_cipher_bits,
+        "client_networks": [str(n) for n in p.client_networks], "send": p.send,
+        "server_names": list(p.server_names),
+    }
+
+
+def render_partners(config: Any, *, as_json: bool = False) -> str:
+    """The effective terms of every partner, as TOML tables (each term commented with where it
+    came from: the partner's table, a list, or a global default) or as JSON."""
+    import json
+
+    if as_json:
+        return json.dumps([{"partner": p.entry, "domain": p.domain, "table": p.table,
+                            "terms": partner_values(p), "origin": _origins(p, config)}
+                           for p in config.partners], indent=2) + "\n"
+    if not config.partners:
+        return "# no partners configured (receive_domains, send_domains, [partners.\"…\"])\n"
+    lines = [f"# effective partner terms of {config.source}"]
+    for p in config.partners:
+        origins = _origins(p, config)
+        lines.append("")
+        lines.append(f'[partners."{p.entry}"]')
+        for key, value in partner_values(p).items():
+            text = f"{key} = {_toml_value(value)}"
+            lines.append(f"{text:<44} # {origins[key]}" if len(text) < 44
+                         else f"{text}  # {origins[key]}")
+    return "\n".join(lines) + "\n"
+
+
+def partner_notes(config: Any) -> list[str]:
+    """What check-config tells an admin about partners beyond errors: terms an MTA cannot give."""
+    notes = []
+    receive = [p for p in config.partners if p.receive]
+    if any(p.pinned for p in receive) and config.policy_listen is None:
+        notes.append("note: pins are configured but [policy] listen is not: Postfix gives a "
+                     "milter no certificate fingerprint, so with Postfix pinned partners pass "
+                     "only through check_policy_service (Sendmail: {cert_fp} with "
+                     "CertFingerprintAlgorithm sha256)")
+    for p in receive:
+        if p.key_pins:
+            notes.append(f'note: partners."{p.entry}".pins: key-sha256 pins need the '
+                         "certificate's public key: Postfix gives it through [policy] "
+                         "(ccert_pubkey_fingerprint), the reference MTA with its macros; "
+                         "Sendmail cannot, so mail from this partner through Sendmail passes "
+                         "only by a cert-sha256 pin or a trusted certificate, else pin_mismatch")
+    return notes
