@@ -7,9 +7,11 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import stat
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -20,9 +22,12 @@ from cryptography.x509.oid import NameOID
 
 from milterd.certs.check import check_certificate
 from milterd.certs.cli import register
-from milterd.certs.common import CertError
+from milterd.certs.common import CertError, load_cert_file, pubkey_sha256_fingerprint
 from milterd.certs.expiry import certificate_expiry
 from milterd.certs.openssl import VerifyError, parse_verify_output
+from milterd.core.config import parse_config
+from milterd.core.partners import parse_pin
+from milterd.lab.pki import TestPKI
 from certtool_helpers import (
     DAY, NOW, OPENSSL, Issued, key_pem, make_ca, make_crl, make_leaf, openssl_pkcs12, pem, write,
 )
@@ -644,3 +649,141 @@ def test_check_through_the_milterd_command(tmp_path: Path, pki) -> None:
     assert (proc.returncode, proc.stdout) == (0, "OK\n"), proc.stderr
     proc = subprocess.run(base + ["--purpose", "client"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and proc.stdout.startswith("purpose: "), proc.stdout + proc.stderr
+
+
+# --------------------------------------------------------------------------- partner pins (#15)
+
+PIN_LINE = re.compile(r'^  pin \((certificate|public key)\): +"([^"]*)"$')
+
+
+def openssl_pins(cert_file: Path | str) -> tuple[str, str]:
+    """The two pins as the system openssl computes them (first certificate in the file)."""
+    fp = subprocess.run([OPENSSL, "x509", "-noout", "-fingerprint", "-sha256", "-in", str(cert_file)],
+                        capture_output=True, text=True, timeout=60, check=True).stdout
+    label, cert_hex = fp.strip().split("=", 1)  # "sha256 Fingerprint=AB:CD:…"
+    assert label.lower() == "sha256 fingerprint", fp
+    spki_pem = subprocess.run([OPENSSL, "x509", "-noout", "-pubkey", "-in", str(cert_file)],
+                              capture_output=True, timeout=60, check=True).stdout
+    spki_der = subprocess.run([OPENSSL, "pkey", "-pubin", "-outform", "DER"], input=spki_pem,
+                              capture_output=True, timeout=60, check=True).stdout
+    digest = subprocess.run([OPENSSL, "dgst", "-sha256", "-r"], input=spki_der,
+                            capture_output=True, timeout=60, check=True).stdout.decode().split()[0]
+    assert len(digest) == 64, digest
+    key_hex = ":".join(digest[i:i + 2] for i in range(0, 64, 2)).upper()
+    return "cert-sha256:" + cert_hex.upper(), "key-sha256:" + key_hex
+
+
+def printed_pins(lines: list[str]) -> list[tuple[str, str]]:
+    """(cert pin, key pin) of every pin pair in the output, in order; the pair is always
+    certificate then public key, on consecutive lines, and every value parses as its kind."""
+    pairs = []
+    i = 0
+    while i < len(lines):
+        m = PIN_LINE.match(lines[i])
+        if not m:
+            i += 1
+            continue
+        assert m.group(1) == "certificate", "a key pin line without its certificate pin line: %r" % lines
+        k = PIN_LINE.match(lines[i + 1]) if i + 1 < len(lines) else None
+        assert k and k.group(1) == "public key", lines
+        pair = (m.group(2), k.group(2))
+        assert parse_pin(pair[0]) == ("cert", pair[0].split(":", 1)[1]), pair
+        assert parse_pin(pair[1]) == ("key", pair[1].split(":", 1)[1]), pair
+        pairs.append(pair)
+        i += 2
+    return pairs
+
+
+@pytest.fixture()
+def reissued(tmp_path: Path) -> dict[str, Any]:
+    """A lab CA, a leaf, the same leaf re-issued for the same key, and one with a new key."""
+    lab = TestPKI(tmp_path / "pki", "Contoso Lab CA", "Contoso")
+    old = lab.issue("old", "mx.contoso.test")
+    new = lab.issue("new", "mx.contoso.test", key=old.key)
+    other = lab.issue("other", "mx.contoso.test")
+    assert new.cert != old.cert and new.cert.public_key() == old.cert.public_key()
+    return {"lab": lab, "old": old, "new": new, "other": other}
+
+
+def test_list_prints_both_pins_as_openssl_computes_them(tmp_path: Path, capsys, reissued) -> None:
+    lab = reissued["lab"]
+    store = tmp_path / "store"
+    store.mkdir()
+    for stem in ("old", "new", "other"):  # leaf + CA: the pins are the leaf's
+        write(store / ("%s.pem" % stem), reissued[stem].cert_path.read_bytes() + lab.ca_path.read_bytes())
+    write(store / "ca.crt", lab.ca_path.read_bytes())
+    expected = {name: openssl_pins(store / name) for name in ("old.pem", "new.pem", "other.pem", "ca.crt")}
+
+    code, out, err = run(capsys, "list", "--store", str(store), "--json")
+    assert code == 0 and err == ""
+    rows = {Path(r["path"]).name: r for r in json.loads(out)}
+    assert set(rows) == set(expected)
+    for name, r in rows.items():
+        assert (r["cert_pin"], r["key_pin"]) == expected[name], name
+        assert parse_pin(r["cert_pin"]) == ("cert", r["sha256"])
+        assert parse_pin(r["key_pin"]) == ("key", pubkey_sha256_fingerprint(load_cert_file(r["path"])[0]))
+    # Re-issued for the same key: same public-key pin, new certificate pin; a new key changes both.
+    assert rows["new.pem"]["key_pin"] == rows["old.pem"]["key_pin"]
+    assert rows["new.pem"]["cert_pin"] != rows["old.pem"]["cert_pin"]
+    assert rows["other.pem"]["key_pin"] != rows["old.pem"]["key_pin"]
+    assert rows["old.pem"]["key_pin"] == "key-sha256:" + reissued["old"].pubkey_sha256
+
+    code, out, err = run(capsys, "list", "--store", str(store))
+    assert code == 0 and err == ""
+    lines = out.splitlines()
+    assert lines[0].split()[:2] == ["SHA1", "THUMBPRINT"]
+    # Every row shown is followed by its own two pin lines.
+    table_rows = [i for i, line in enumerate(lines[1:], 1) if not PIN_LINE.match(line)]
+    assert len(table_rows) == 4
+    for i in table_rows:
+        name = next(n for n in expected if lines[i].endswith(os.sep + n))
+        assert printed_pins(lines[i + 1:i + 3]) == [expected[name]], lines[i:i + 3]
+    assert len(printed_pins(lines)) == 4
+
+
+def test_list_pins_paste_into_a_partner_table(tmp_path: Path, capsys, reissued) -> None:
+    """What follows "pin (…):" is a TOML string: pasted into pins = [...] it configures the partner."""
+    store = tmp_path / "store"
+    store.mkdir()
+    write(store / "mx.pem", reissued["old"].cert_path.read_bytes())
+    code, out, _ = run(capsys, "list", "--store", str(store))
+    assert code == 0
+    pasted = [line.split(":", 1)[1].strip() for line in out.splitlines() if PIN_LINE.match(line)]
+    assert len(pasted) == 2
+    config = parse_config('[partners."contoso.test"]\nreceive = true\npins = [\n  %s,\n]\n'
+                          % ",\n  ".join(pasted))
+    terms = config.partner("contoso.test")
+    assert terms is not None
+    assert terms.cert_pins == (reissued["old"].sha256,)
+    assert terms.key_pins == (reissued["old"].pubkey_sha256,)
+
+
+def test_check_pins_option(tmp_path: Path, capsys, reissued) -> None:
+    lab = reissued["lab"]
+    ca = str(lab.ca_path)
+    pins = {}
+    for stem in ("old", "new"):
+        path = str(reissued[stem].cert_path)
+        code, out, err = run(capsys, "check", path, "--ca", ca, "--pins", "--name", "mx.contoso.test")
+        assert code == 0 and err == ""
+        lines = out.splitlines()
+        assert lines[0] == "OK" and len(lines) == 3, lines  # the verdict stays the first line
+        pins[stem] = printed_pins(lines[1:])[0]
+        assert pins[stem] == openssl_pins(path)
+        # Without --pins the output is the verdict alone, as before.
+        assert run(capsys, "check", path, "--ca", ca)[:2] == (0, "OK\n")
+    assert pins["new"][1] == pins["old"][1] and pins["new"][0] != pins["old"][0]
+
+    # The leaf's pins, not an intermediate's, when the file carries the chain.
+    chain = write(tmp_path / "chain.pem", reissued["other"].cert_path.read_bytes() + lab.ca_path.read_bytes())
+    code, out, _ = run(capsys, "check", chain, "--ca", ca, "--pins")
+    assert code == 0 and printed_pins(out.splitlines()) == [openssl_pins(reissued["other"].cert_path)]
+
+    # A partner's self-signed certificate is untrusted (exit 1, verdict first) but pinnable.
+    selfsigned = lab.issue("self", "mx.fabrikam.test", self_signed=True)
+    code, out, err = run(capsys, "check", str(selfsigned.cert_path), "--ca", ca, "--pins")
+    lines = out.splitlines()
+    assert code == 1 and "Traceback" not in err
+    assert keywords([line for line in lines if not PIN_LINE.match(line)]) == ["untrusted"]
+    assert lines[0].startswith("untrusted: ") and PIN_LINE.match(lines[-1])
+    assert printed_pins(lines) == [openssl_pins(selfsigned.cert_path)]

@@ -21,7 +21,10 @@ path to its root); a self-signed end-entity certificate listed there is trusted 
 Without ``--ca`` the system bundle is used.  Extra certificates after the leaf in the checked
 file serve as untrusted intermediates.  With ``--crl`` every certificate in the path, the root
 included, needs a current CRL from its issuer in the file (``-crl_check_all``).
-``$MILTERD_OPENSSL`` names another ``openssl`` binary (3.0 or later).
+``$MILTERD_OPENSSL`` names another ``openssl`` binary (3.0 or later).  ``--pins`` adds, after the
+verdict lines and whatever the verdict, the leaf's two partner pins in ``cert list``'s form (a
+partner's self-signed certificate fails ``check`` as ``untrusted`` yet is what pins are for); the
+verdict stays on the first line(s) and the exit code does not change.
 
 Layout: ``openssl`` runs ``openssl verify`` and parses its output, ``explain`` turns its errors
 into lines; this module decides which runs to make and adds the checks of our own.
@@ -41,6 +44,7 @@ from cryptography import x509
 
 from milterd.certs.common import CertError, common_names, dns_sans, load_cert_file, load_certificates, read_input
 from milterd.certs.explain import CODE_KEYWORD, CRL_KEYWORDS, KEYWORDS, Explainer, Failure, merge_failures
+from milterd.certs.listing import pin_lines
 from milterd.certs.openssl import VerifyError, Verifier
 from milterd.policy.names import name_matches, normalize_dns_name
 
@@ -215,9 +219,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     anchors = load_cert_file(args.ca, "CA file") if args.ca else _default_anchors()
     crls = _load_crls(args.crl) if args.crl else None
     failures = check_certificate(certs[0], certs[1:], anchors, crls, name, purpose=args.purpose)
-    if not failures:
-        print("OK")
-        return 0
-    for keyword, detail in failures:
-        print("%s: %s" % (keyword, detail))
-    return 1
+    lines = ["%s: %s" % failure for failure in failures] or ["OK"]
+    if getattr(args, "pins", False):
+        lines += pin_lines(certs[0])
+    print("\n".join(lines))
+    return 1 if failures else 0

@@ -63,4 +63,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("--purpose", choices=sorted(PURPOSES), default="both",
                    help="the TLS role(s) the certificate must be usable for (default both: an MTA"
                         " certificate serves inbound TLS and is the client certificate outbound)")
+    p.add_argument("--pins", action="store_true",
+                   help='also print the certificate\'s "cert-sha256:…" and "key-sha256:…" pins, to paste'
+                        ' into pins = [...] of a [partners."domain"] table (whatever the verdict)')
     p.set_defaults(func=_runner(cmd_check, "check"))

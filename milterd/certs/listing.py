@@ -5,7 +5,11 @@ Reads every ``*.pem``/``*.crt``/``*.cert`` file in the store (default ``$MILTERD
 string value anywhere in the config that ends in ``.pem``/``.crt``/``.cert`` counts, and is
 reported under its dotted key (``tls.cert_file``; list items as ``key[0]``).  Relative paths are
 taken relative to the config file.  Each file is shown by its first certificate (the leaf);
-``chain`` counts the certificates in the file.
+``chain`` counts the certificates in the file.  Under every row come the leaf's two partner pins,
+quoted, ready to paste into ``pins = [...]`` of a ``[partners."domain"]`` table (JSON:
+``cert_pin``/``key_pin``): ``cert-sha256:…`` (SHA-256 of the DER certificate, what ``openssl x509
+-fingerprint -sha256`` prints) and ``key-sha256:…`` (SHA-256 of the DER SubjectPublicKeyInfo; the
+same after a re-issue for the same key).
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ from typing import Any
 from cryptography import x509
 
 from milterd.certs.common import (
-    CertError, dns_sans, iso_time, load_cert_file, read_input, sha1_thumbprint, sha256_fingerprint, utc_now,
+    CertError, dns_sans, iso_time, load_cert_file, pubkey_sha256_fingerprint, read_input, sha1_thumbprint,
+    sha256_fingerprint, utc_now,
 )
+from milterd.core.partners import CERT_PIN_PREFIX, KEY_PIN_PREFIX
 
 DEFAULT_STORE = "/etc/milterd/certs"
 CERT_SUFFIXES = (".pem", ".crt", ".cert")
@@ -53,6 +59,27 @@ def config_cert_paths(config_path: str) -> list[tuple[str, str]]:
     return found
 
 
+def cert_pin(cert: x509.Certificate) -> str:
+    """``cert-sha256:AB:CD:…``: the pin of exactly this certificate."""
+    return CERT_PIN_PREFIX + sha256_fingerprint(cert)
+
+
+def key_pin(cert: x509.Certificate) -> str:
+    """``key-sha256:AB:CD:…``: the pin of the certificate's public key (survives a re-issue)."""
+    return KEY_PIN_PREFIX + pubkey_sha256_fingerprint(cert)
+
+
+def format_pins(cert_value: str, key_value: str, indent: str = "  ") -> list[str]:
+    """The two lines ``cert list``/``cert check --pins`` print: TOML strings to paste into a
+    ``[partners."domain"]`` table's ``pins = [...]``."""
+    return ['%spin (certificate): "%s"' % (indent, cert_value),
+            '%spin (public key):  "%s"' % (indent, key_value)]
+
+
+def pin_lines(cert: x509.Certificate, indent: str = "  ") -> list[str]:
+    return format_pins(cert_pin(cert), key_pin(cert), indent)
+
+
 @dataclass
 class CertInfo:
     """One row of ``cert list`` (also its JSON object)."""
@@ -67,6 +94,8 @@ class CertInfo:
     days_left: int
     chain: int
     used_by: list[str]
+    cert_pin: str
+    key_pin: str
 
 
 def _describe(path: str, certs: list[x509.Certificate], used_by: list[str], now: _dt.datetime) -> CertInfo:
@@ -76,6 +105,7 @@ def _describe(path: str, certs: list[x509.Certificate], used_by: list[str], now:
         path=path, sha1=sha1_thumbprint(leaf), sha256=sha256_fingerprint(leaf),
         subject=leaf.subject.rfc4514_string(), sans=dns_sans(leaf), issuer=leaf.issuer.rfc4514_string(),
         not_after=iso_time(leaf.not_valid_after_utc), days_left=left.days, chain=len(certs), used_by=used_by,
+        cert_pin=cert_pin(leaf), key_pin=key_pin(leaf),
     )
 
 
@@ -87,7 +117,11 @@ def _table(rows: list[CertInfo]) -> str:
         for r in rows
     ]
     widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in [header] + body)
+    out = ["  ".join(c.ljust(w) for c, w in zip(header, widths)).rstrip()]
+    for r, line in zip(rows, body):
+        out.append("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip())
+        out.extend(format_pins(r.cert_pin, r.key_pin))
+    return "\n".join(out)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
