@@ -124,10 +124,23 @@ class OutboundConfig:
 
     maillog: str | None = None          # Postfix maillog_file to follow for delivery results
     state_dir: str | None = None        # follower offset + TLS-RPT session records
-    dns_servers: tuple[str, ...] = ()   # "IP" or "IP:PORT"; empty = /etc/resolv.conf (must
-                                        # validate DNSSEC for DANE: the AD bit is trusted)
+    # (IP, port) per server, from "IP", "IP:PORT", "IPv6" or "[IPv6]:PORT"; empty =
+    # /etc/resolv.conf (must validate DNSSEC for DANE: the AD bit is trusted)
+    dns_servers: tuple[tuple[str, int], ...] = ()
     mtasts_ca_file: str | None = None   # CA bundle for MTA-STS policy fetches (default: system)
     on_dns_error: str = "temp"          # temp (defer) | notfound (fail open to opportunistic)
+
+
+@dataclass(frozen=True)
+class TlsRptConfig:
+    """``milterd tlsrpt send``: who reports, and how reports leave this host (RFC 8460 §3, §5)."""
+
+    organization: str = ""              # organization-name (required to send)
+    contact: str = ""                   # contact-info; also the From: of mailto reports
+    submitter: str = ""                 # TLS-Report-Submitter (default: the contact's domain)
+    smtp: ListenAddress | None = None   # where mailto reports are submitted (default 127.0.0.1:25)
+    https_ca_file: str | None = None    # CA bundle for https: rua endpoints (default: system)
+    sending_ip: str | None = None       # sending-mta-ip in failure details (this host's address)
 
 
 @dataclass(frozen=True)
@@ -137,6 +150,8 @@ class Config:
     policy_listen: ListenAddress | None = None
     policy_group: str = "postfix"     # group of a unix [policy] socket (default: [milter] group)
     socketmap_listen: ListenAddress | None = None
+    # Postfix >= 3.10: socketmap answers carry TLSRPT attributes (3.7 must get plain answers)
+    socketmap_tlsrpt: bool = False
     metrics_listen: ListenAddress | None = None
     domain_security: DomainSecurityConfig = field(default_factory=DomainSecurityConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
@@ -144,6 +159,7 @@ class Config:
     stamp: StampConfig = field(default_factory=StampConfig)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
     outbound: OutboundConfig = field(default_factory=OutboundConfig)
+    tlsrpt: TlsRptConfig = field(default_factory=TlsRptConfig)
     # The effective terms of every partner (lists, [partners] tables and defaults merged):
     # :mod:`milterd.core.partners`.  Decisions read these, never the lists directly.
     partners: tuple[PartnerTerms, ...] = ()
@@ -233,6 +249,7 @@ def parse_config(text: str, *, source: str = "<string>") -> Config:
         policy_listen=policy_listen,
         policy_group=policy_group,
         socketmap_listen=v.listen("socketmap.listen"),
+        socketmap_tlsrpt=v.get("socketmap.tlsrpt", bool, False),
         metrics_listen=v.listen("metrics.listen"),
         domain_security=DomainSecurityConfig(
             mode=v.choice("domain_security.mode", ("enforce", "report"), "enforce"),
@@ -263,9 +280,20 @@ def parse_config(text: str, *, source: str = "<string>") -> Config:
         outbound=OutboundConfig(
             maillog=v.get("outbound.maillog", str, None),
             state_dir=v.get("outbound.state_dir", str, None),
-            dns_servers=tuple(v.get("outbound.dns_servers", list, [], check=_dns_servers)),
+            dns_servers=_parse_dns_servers(v.get("outbound.dns_servers", list, [],
+                                                 check=_dns_servers)),
             mtasts_ca_file=v.get("outbound.mtasts_ca_file", str, None),
             on_dns_error=v.choice("outbound.on_dns_error", ("temp", "notfound"), "temp"),
+        ),
+        tlsrpt=TlsRptConfig(
+            organization=v.get("tlsrpt.organization", str, ""),
+            contact=v.get("tlsrpt.contact", str, ""),
+            submitter=v.get("tlsrpt.submitter", str, ""),
+            smtp=v.listen("tlsrpt.smtp"),
+            https_ca_file=v.get("tlsrpt.https_ca_file", str, None),
+            sending_ip=v.get("tlsrpt.sending_ip", str, None,
+                             check=lambda x: None if _ip(x, 4) or _ip(x, 6)
+                             else "is not an IP address"),
         ),
         source=source,
     )
@@ -283,7 +311,7 @@ _KNOWN_KEYS = {
     "milter": {"listen", "group", "on_error", "timeout", "plugin_timeout", "stop_grace"},
     "log": {"format", "level"},
     "policy": {"listen", "group"},
-    "socketmap": {"listen"},
+    "socketmap": {"listen", "tlsrpt"},
     "metrics": {"listen"},
     "domain_security": {"mode", "failure_action", "receive_domains", "send_domains"},
     "tls": {"min_version", "min_cipher_bits", "certificates"},
@@ -291,6 +319,7 @@ _KNOWN_KEYS = {
     "stamp": {"header"},
     "plugins": {"disable", "modules"},
     "outbound": {"maillog", "state_dir", "dns_servers", "mtasts_ca_file", "on_dns_error"},
+    "tlsrpt": {"organization", "contact", "submitter", "smtp", "https_ca_file", "sending_ip"},
 }
 
 
@@ -310,20 +339,38 @@ def _list_of_str(value: list) -> str | None:
 _HEADER_NAME = re.compile(r"^[!-9;-~]+$")  # RFC 5322 ftext: printable ASCII except ':'
 
 
-def _dns_servers(value: list) -> str | None:
+def _dns_server(entry: Any) -> tuple[str, int] | None:
+    """``"IP"`` → (IP, 53); ``"IPv4:PORT"`` / ``"[IPv6]:PORT"`` → (IP, PORT); None if neither."""
     import ipaddress
 
+    if not isinstance(entry, str) or not entry.isascii():
+        return None
+    host, port = entry, "53"
+    m = re.fullmatch(r"\[([^\[\]]+)\]:([0-9]{1,5})", entry)
+    if m:
+        host, port = m.group(1), m.group(2)
+        if ":" not in host:
+            return None  # brackets are for IPv6
+    elif entry.count(":") == 1:
+        host, port = entry.split(":")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if not (port.isdigit() and 0 < int(port) < 65536):
+        return None
+    return str(ip), int(port)
+
+
+def _dns_servers(value: list) -> str | None:
     for entry in value:
-        if not isinstance(entry, str):
-            return "must be a list of strings"
-        host, _, port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
-        try:
-            ipaddress.ip_address(host or entry)
-        except ValueError:
-            return f'{entry!r} is not "IP" or "IP:PORT"'
-        if port and not (port.isdigit() and 0 < int(port) < 65536):
-            return f"{entry!r} has a bad port"
+        if _dns_server(entry) is None:
+            return f'{entry!r} is not "IP", "IPv4:PORT" or "[IPv6]:PORT"'
     return None
+
+
+def _parse_dns_servers(value: list) -> tuple[tuple[str, int], ...]:
+    return tuple(s for s in (_dns_server(e) for e in value) if s is not None)
 
 
 def _header_name(value: str) -> str | None:

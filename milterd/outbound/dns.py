@@ -43,8 +43,10 @@ class DnsResult:
 class DnsClient:
     """dnspython stub resolver that asks for DNSSEC status (DO + AD) and reports the AD bit.
 
-    :param nameservers: IP addresses of (validating) recursive resolvers; None = /etc/resolv.conf.
-    :param port: their port (tests use an ephemeral loopback port).
+    :param nameservers: (validating) recursive resolvers, each an IP address or an
+        ``(IP, port)`` pair (``[outbound] dns_servers`` as parsed by the config: every server
+        keeps its own port); None = /etc/resolv.conf.
+    :param port: the port of servers given without one (tests use an ephemeral loopback port).
     :param timeout: per-server attempt timeout, seconds.
     :param lifetime: total time for one query, seconds.
 
@@ -54,10 +56,14 @@ class DnsClient:
 
     def __init__(self, nameservers: Sequence[str] | None = None, port: int = 53,
                  timeout: float = 3.0, lifetime: float = 6.0) -> None:
+        import dns.nameserver
+
         res = dns.asyncresolver.Resolver(configure=nameservers is None)
-        if nameservers is not None:
-            res.nameservers = list(nameservers)
         res.port = port
+        if nameservers is not None:
+            res.nameservers = [
+                dns.nameserver.Do53Nameserver(*ns) if isinstance(ns, tuple)
+                else dns.nameserver.Do53Nameserver(ns, port) for ns in nameservers]
         res.timeout = timeout
         res.lifetime = lifetime
         res.use_edns(0, dns.flags.DO, 1232)

@@ -30,17 +30,7 @@ log = logging.getLogger("milterd.outbound")
 
 def build_resolver(config: Config) -> PolicyResolver:
     ob = config.outbound
-    servers, port = None, 53
-    if ob.dns_servers:
-        servers = []
-        for entry in ob.dns_servers:
-            host, sep, p = entry.rpartition(":")
-            if sep and entry.count(":") == 1:
-                servers.append(host)
-                port = int(p)
-            else:
-                servers.append(entry)
-    dns = DnsClient(nameservers=servers, port=port)
+    dns = DnsClient(nameservers=list(ob.dns_servers) or None)  # (IP, port) each
     sts = MtaStsClient(dns, ca_file=ob.mtasts_ca_file)
     return PolicyResolver(config.send_entries, config.tls.min_version, dns, sts,
                           send_terms={p.entry: (p.server_names, p.min_version)
