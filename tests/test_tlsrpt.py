@@ -14,7 +14,8 @@ import pytest
 from milterd.outbound.maillog_parser import MaillogParser
 from milterd.outbound.tlspolicy import PolicyAnswer
 from milterd.outbound.tlsrpt import (POLICY_TYPES, RESULT_TYPES, build_report, load_sessions,
-                                     register, session_record)
+                                     session_record)
+from milterd.outbound.tlsrpt_cli import register
 
 _RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)\Z")
 
