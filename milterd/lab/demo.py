@@ -3,10 +3,14 @@
 Default (``--mta reference``): two organisations, contoso.test and woodgrovebank.test, each with a
 reference pure-Python MTA and its own milterd, exchange domain-secured mail in both directions
 (mutual TLS, send lists, receive lists); then a spoofed partner mail without TLS and an ordinary
-opportunistic mail arrive at contoso.  Needs nothing but the Python install.
+opportunistic mail arrive at contoso, and a hoster's MTA (certificate for mx.hoster.test) sends
+the same mail for two of contoso's partners: hosted.test, whose ``[partners."hosted.test"]``
+terms accept that certificate name (``certificate_names``), and litware.test, whose terms do not
+(refused: name_mismatch).  Needs nothing but the Python install.
 
 ``--mta postfix``: milterd in front of a private Postfix for contoso.test (root and Debian's
-postfix needed), mail in every TLS case including a pinned self-signed partner.
+postfix needed), mail in every TLS case including a pinned self-signed partner and the hosted
+partner.
 
 Both print what happened — SMTP replies, trace headers, counters, logs — stop everything they
 started, bound every wait, and exit 0 only when every outcome was the expected one.
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -26,9 +31,23 @@ from milterd.lab.net import free_port
 from milterd.lab.pki import TestPKI
 from milterd.lab.postfix import PostfixLab, PostfixTLS
 from milterd.lab.proc import MilterdProcess
-from milterd.lab.smtp import client_context, make_message, send
+from milterd.lab.smtp import SendResult, client_context, make_message, send
 
 RCPT = "ceo@contoso.test"
+
+#: contoso.test's terms for two partners whose mail comes from the same hoster's MTA.
+HOSTED_PARTNERS = """
+# hosted.test's mail is sent by its hoster's MTA, whose certificate names mx.hoster.test,
+# not hosted.test: certificate_names accepts that name, for this partner only.
+[partners."hosted.test"]
+receive = true
+certificate_names = ["mx.hoster.test"]
+
+# litware.test uses the same hoster, but its terms name no other certificate:
+# its mail needs a certificate naming litware.test.
+[partners."litware.test"]
+receive = true
+"""
 
 
 def _say(text: str = "") -> None:
@@ -44,6 +63,30 @@ def main(*, keep: bool = False, mta: str = "reference") -> int:
 def _metrics_lines(port: int, prefixes: tuple[str, ...]) -> list[str]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     return [line for line in text.splitlines() if line.startswith(prefixes)]
+
+
+def _refusal_reason(r: SendResult) -> str:
+    """`` (name_mismatch)`` from milterd's refusal text, else nothing."""
+    if not r.accepted and r.text.endswith(")") and "(" in r.text:
+        return " " + r.text[r.text.rindex("("):]
+    return ""
+
+
+def _show_partner_tables() -> None:
+    _say("   contoso.test's milterd.toml: partner terms for two domains that mx.hoster.test "
+         "hosts")
+    for line in HOSTED_PARTNERS.strip().splitlines():
+        if line and not line.startswith("#"):
+            _say(f"      {line}")
+
+
+def _stop_all(procs: list[MilterdProcess]) -> None:
+    """SIGTERM every milterd first, then wait: libmilter takes seconds to exit, in parallel."""
+    for p in procs:
+        if p.proc is not None and p.proc.poll() is None:
+            p.signal(signal.SIGTERM)
+    for p in procs:
+        p.stop()
 
 
 def _wait(predicate, timeout: float = 20.0) -> bool:
@@ -73,7 +116,9 @@ def reference_demo(*, keep: bool = False) -> int:
         pki = TestPKI(base / "pki", "Demo Root CA")
         orgs = {"contoso.test": "woodgrovebank.test", "woodgrovebank.test": "contoso.test"}
         certs = {d: pki.issue(f"mx.{d}", f"mx.{d}") for d in orgs}
-        _say(f"   test PKI in {pki.dir}: one CA, mx.contoso.test, mx.woodgrovebank.test")
+        hoster = pki.issue("mx.hoster", "mx.hoster.test")
+        _say(f"   test PKI in {pki.dir}: one CA, mx.contoso.test, mx.woodgrovebank.test, "
+             "mx.hoster.test")
         metrics_ports, sockets = {}, {}
         for domain, partner in orgs.items():
             d = base / domain
@@ -90,7 +135,7 @@ listen = "127.0.0.1:{metrics_ports[domain]}"
 [domain_security]
 receive_domains = ["{partner}"]
 send_domains = ["{partner}"]
-""")
+{HOSTED_PARTNERS if domain == "contoso.test" else ""}""")
             p = MilterdProcess(cfg, f"unix:{sockets[domain]}", log_path=d / "milterd.log")
             procs.append(p.start())
         ports = {d: free_port() for d in orgs}
@@ -110,6 +155,7 @@ send_domains = ["{partner}"]
             mtas[domain] = MtaThread(cfg, on_outbound_result=record).start()
             _say(f"   {domain}: reference MTA on 127.0.0.1:{ports[domain]}, milterd "
                  f"(receive+send list: {partner}), /metrics on :{metrics_ports[domain]}")
+        _show_partner_tables()
         _say()
 
         def mailbox(domain: str, user: str) -> list:
@@ -131,16 +177,30 @@ send_domains = ["{partner}"]
             ok &= bool(got)
             _say(f"{'domain-secured ' + src + ' -> ' + dst:52} {'deliver':9} "
                  f"{'delivered over mutual TLS' if got else 'NOT DELIVERED   <-- UNEXPECTED'}")
-        # 3+4: direct connections to contoso.
-        cases = [("spoof: woodgrovebank.test sender, no TLS", "ceo@woodgrovebank.test", False),
-                 ("ordinary sender, opportunistic (no TLS)", "news@fabrikam.test", True)]
-        for title, sender, expect in cases:
+        # 3-6: direct connections to contoso; 5+6 are the hoster's MTA (STARTTLS with its
+        # mx.hoster.test certificate) sending the same mail for two partners.
+        hoster_tls = client_context(pki.ca_path, hoster.cert_path, hoster.key_path)
+        cases = [("spoof: woodgrovebank.test sender, no TLS", "ceo@woodgrovebank.test", None,
+                  False),
+                 ("ordinary sender, opportunistic (no TLS)", "news@fabrikam.test", None, True),
+                 ("hosted.test via mx.hoster.test (certificate_names)", "info@hosted.test",
+                  hoster_tls, True),
+                 ("litware.test via mx.hoster.test (no such term)", "info@litware.test",
+                  hoster_tls, False)]
+        accepted_titles = []
+        for title, sender, tls, expect in cases:
             r = send(ports["contoso.test"], sender, ["alice@contoso.test"],
-                     make_message(sender, "alice@contoso.test", title))
+                     make_message(sender, "alice@contoso.test", title), tls=tls,
+                     helo="mx.hoster.test" if tls is hoster_tls else "client.example.test")
             good = r.accepted == expect
             ok &= good
-            _say(f"{title:52} {'accept' if expect else 'refuse':9} {r.code} {r.text[:70]}"
+            if r.accepted:
+                accepted_titles.append(title)
+            reply = r.text if len(r.text) <= 70 else r.text[:69] + "…" + _refusal_reason(r)
+            _say(f"{title:52} {'accept' if expect else 'refuse':9} {r.code} {reply}"
                  f"{'' if good else '   <-- UNEXPECTED'}")
+        _wait(lambda: {m["Subject"] for m in mailbox("contoso.test", "alice")}
+              >= set(accepted_titles), timeout=10)
         _say()
         _say("== trace headers of delivered mail")
         for domain, user in (("woodgrovebank.test", "alice"), ("contoso.test", "bob"),
@@ -172,8 +232,7 @@ send_domains = ["{partner}"]
     finally:
         for t in mtas.values():
             t.stop()
-        for p in procs:
-            p.stop()
+        _stop_all(procs)
         if keep:
             _say(f"   kept {base}")
         else:
@@ -196,7 +255,9 @@ def postfix_demo(*, keep: bool = False) -> int:
         impostor = pki.issue("impostor", "mail.woodgrovebank.test", org="Impostor",
                              self_signed=True)
         pinned = pki.issue("direct-trust", "mail2.woodgrovebank.test", self_signed=True)
-        _say(f"   test PKI in {pki.dir} (CA, server, partner, impostor, pinned self-signed)")
+        hoster = pki.issue("mx.hoster", "mx.hoster.test")
+        _say(f"   test PKI in {pki.dir} (CA, server, partner, impostor, pinned self-signed, "
+             "hoster)")
 
         metrics_port, policy_port = free_port(), free_port()
         sock = base / "run" / "milter.sock"
@@ -214,7 +275,7 @@ receive_domains = ["woodgrovebank.test"]
 send_domains = ["woodgrovebank.test"]
 [peer_cert.pins]
 "woodgrovebank.test" = ["{pinned.sha256}"]
-""")
+{HOSTED_PARTNERS}""")
         milterd_proc = MilterdProcess(cfg, f"unix:{sock}", log_path=base / "milterd.log")
         milterd_proc.start()
         _say(f"   milterd on unix:{sock}, /metrics on 127.0.0.1:{metrics_port}")
@@ -224,10 +285,12 @@ send_domains = ["woodgrovebank.test"]
                              base=base / "postfix")
         postfix.start()
         _say(f"   private Postfix for contoso.test on 127.0.0.1:{postfix.port}")
+        _show_partner_tables()
         _say()
 
         ca = pki.ca_path
         partner_tls = client_context(ca, partner.cert_path, partner.key_path)
+        hoster_tls = client_context(ca, hoster.cert_path, hoster.key_path)
         cases = [
             ("partner over mutual TLS", "alice@woodgrovebank.test", None, partner_tls, True),
             ("partner, pinned self-signed", "bob@woodgrovebank.test", None,
@@ -240,6 +303,8 @@ send_domains = ["woodgrovebank.test"]
             ("spoof: partner From:, other envelope", "x@fabrikam.test",
              "Woodgrove CEO <ceo@woodgrovebank.test>", None, False),
             ("ordinary sender, opportunistic", "news@fabrikam.test", None, None, True),
+            ("hosted.test via mx.hoster.test", "info@hosted.test", None, hoster_tls, True),
+            ("litware.test via mx.hoster.test", "info@litware.test", None, hoster_tls, False),
         ]
         ok = True
         _say(f"{'case':40} {'expected':9} {'SMTP reply'}")
@@ -249,8 +314,7 @@ send_domains = ["woodgrovebank.test"]
             good = r.accepted == expect
             ok &= good
             reply = r.text if r.accepted else f"{r.text[:16]}… at {r.stage.upper()}"
-            if not r.accepted and r.text.endswith(")"):
-                reply += " " + r.text[r.text.rindex("("):]
+            reply += _refusal_reason(r)
             _say(f"{title:40} {'accept' if expect else 'refuse':9} {r.code} {reply}"
                  f"{'' if good else '   <-- UNEXPECTED'}")
         delivered = postfix.wait_delivered(sum(1 for c in cases if c[4]), timeout=20)
