@@ -258,3 +258,132 @@ def test_resolver_can_be_swapped_on_reload():
         c.close()
     finally:
         handle.stop()
+
+
+# -- TLSRPT attributes and the served-policy record ------------------------------------------
+def test_tlsrpt_switch_adds_attributes_to_sts_answers_only(server):
+    server.server.tlsrpt = True
+    c = Client(server.port)
+    try:
+        sts = c.query("sts.test")
+        assert sts == ("OK secure match=mx.sts.test:.mx.sts.test servername=hostname"
+                       " policy_type=sts policy_domain=sts.test"
+                       " { policy_string = version: STSv1 } { policy_string = mode: enforce }"
+                       " { policy_string = mx: mx.sts.test } { policy_string = mx: *.mx.sts.test }"
+                       " { policy_string = max_age: 3600 }"
+                       " mx_host_pattern=mx.sts.test mx_host_pattern=*.mx.sts.test")
+        assert c.query("dane.test") == "OK dane-only"
+        assert c.query("partner.test") == (
+            "OK secure match=partner.test:.partner.test protocols=>=TLSv1.2")
+        assert c.query("testing.test") == "NOTFOUND "
+        server.server.tlsrpt = False                         # reload back to Postfix < 3.10
+        assert c.query("sts.test") == "OK secure match=mx.sts.test:.mx.sts.test servername=hostname"
+    finally:
+        server.server.tlsrpt = False
+        c.close()
+
+
+def test_on_answer_sees_every_answer_and_cannot_break_replies():
+    seen = []
+
+    def on_answer(key, answer):
+        seen.append((key, answer.kind))
+        if key == "boom.test":
+            raise RuntimeError("recording failed")
+
+    r = PolicyResolver(["partner.test", "boom.test"], None, None, None)
+    handle = SocketmapServer(r, on_answer=on_answer).start_in_thread()
+    try:
+        c = Client(handle.port)
+        assert c.query("partner.test").startswith("OK secure")
+        assert c.query("boom.test").startswith("OK secure")       # the reply is unchanged
+        assert c.query(".partner.test") == "NOTFOUND "
+        c.close()
+    finally:
+        handle.stop()
+    assert seen == [("partner.test", "secure"), ("boom.test", "secure"),
+                    (".partner.test", "notfound")]
+
+
+def test_served_policies_record_and_lookup():
+    from milterd.outbound.service import ServedPolicies
+    from support import FakeClock
+
+    clock = FakeClock(100.0)
+    served = ServedPolicies(max_entries=3, ttl=50, clock=clock)
+    assert served.lookup("sts.test") is None                  # no server, nothing served
+    sts = PolicyAnswer("secure", "secure match=mx.sts.test", "mta-sts", "sts.test",
+                       tlsrpt_policy_type="sts", policy_strings=("version: STSv1",),
+                       mx_patterns=("mx.sts.test",))
+    served.record("STS.test.", sts)
+    assert served.lookup("sts.TEST") is sts
+    # not recorded: TEMP/PERM (no session follows), [host]/IP hops, parent-domain probes
+    served.record("sts.test", PolicyAnswer("temp", "", "none", "sts.test", reason="x"))
+    served.record("[sts.test]", PolicyAnswer("notfound", "", "none", "sts.test"))
+    served.record(".sts.test", PolicyAnswer("notfound", "", "none", "sts.test"))
+    assert served.lookup("sts.test") is sts
+    # a later answer for the same domain replaces it (the policy that applied last)
+    none = PolicyAnswer("notfound", "", "none", "sts.test")
+    served.record("sts.test:25", none)
+    assert served.lookup("sts.test") is none
+    clock.now += 50
+    assert served.lookup("sts.test") is None                  # expired
+    for i in range(4):
+        served.record(f"d{i}.test", none)
+    assert served.lookup("d0.test") is None and served.lookup("d3.test") is none  # bounded
+
+
+def test_served_policies_follow_the_current_resolver():
+    from milterd.outbound.service import ServedPolicies
+
+    served = ServedPolicies()
+    old = SocketmapServer(PolicyResolver(["old.test"], None, None, None))
+    new = SocketmapServer(PolicyResolver(["new.test"], None, None, None))
+    served.register(old)
+    assert served.lookup("old.test").source == "send_list"    # peek: the send list
+    old.resolver = PolicyResolver(["swapped.test"], None, None, None)  # reconfigure
+    assert served.lookup("old.test") is None
+    assert served.lookup("swapped.test").source == "send_list"
+    served.register(new)                                      # a listener swap: new first
+    assert served.lookup("new.test") is not None and served.lookup("swapped.test") is None
+    served.unregister(new)                                    # refused reload: back to old
+    assert served.lookup("swapped.test") is not None
+    served.register(new)
+    served.unregister(old)                                    # committed reload
+    assert served.lookup("new.test") is not None
+    served.unregister(new)
+    assert served.resolver is None and served.lookup("new.test") is None
+
+
+def test_service_records_served_answers_across_reload(tmp_path):
+    """Through the service wiring the daemon uses: start_socketmap, a query over TCP, then
+    reconfigure (what a reload does) with a resolver that would answer otherwise — the follower's
+    lookup still gives what was served; the switch follows the reload."""
+    from milterd.core.app import App
+    from milterd.core.config import parse_config
+    from milterd.lab.net import free_port
+    from milterd.outbound.service import served_policies, start_socketmap
+
+    port = free_port()
+
+    def config(send, tlsrpt):
+        return parse_config(f'[socketmap]\nlisten = "127.0.0.1:{port}"\ntlsrpt = {tlsrpt}\n'
+                            f'[domain_security]\nsend_domains = ["{send}"]\n'
+                            '[outbound]\ndns_servers = ["127.0.0.1:9"]\n')
+
+    app = App(config("partner.test", "false"))
+    service = start_socketmap(app, app.config)
+    try:
+        c = Client(port)
+        assert c.query("partner.test").startswith("OK secure match=partner.test")
+        service.reconfigure(config("other.test", "true"))
+        assert service.handle.server.tlsrpt is True
+        lookup = served_policies(app).lookup
+        assert lookup("partner.test").source == "send_list"    # what was served survives
+        assert served_policies(app).resolver.peek("partner.test") is None
+        assert lookup("other.test").source == "send_list"      # new resolver's peek
+        c.close()
+    finally:
+        service.stop()
+    assert served_policies(app).resolver is None
+    assert served_policies(app).lookup("partner.test").source == "send_list"

@@ -267,3 +267,128 @@ def test_cancelled_waiter_does_not_cancel_shared_resolution(stack):
         return await second
     assert run(go()).kind == "dane-only"
     assert r.peek("slow3.test").kind == "dane-only"
+
+
+# -- TLSRPT attributes (Postfix >= 3.10) --------------------------------------------------------
+# A Python mirror of how Postfix 3.10 parses a policy answer (src/smtp/smtp_tls_policy.c,
+# tls_policy_lookup_one: mystrtokq(CHARS_COMMA_SP, CHARS_BRACE), extpar(STRIP|NORMAL_WS),
+# split_nameval; the attribute checks; tlsrpt_wrapper.c's policy type / failure names).  The
+# real Postfix 3.10 check is tests/test_postfix_tlsrpt_policy.py.
+_PF_ONCE = {"ciphers", "protocols", "servername", "exclude", "policy_ttl", "policy_type",
+            "policy_domain", "policy_failure"}
+_PF_MULTI = {"match", "tafile", "policy_string", "mx_host_pattern"}
+_PF_LAST = {"connection_reuse", "enable_rpk"}
+_PF_EXT = {"policy_ttl", "policy_type", "policy_domain", "policy_string", "mx_host_pattern",
+           "policy_failure"}
+
+
+def postfix_parse_policy(policy: str) -> tuple[str, dict[str, list[str]]]:
+    """(level, {name: [values]}) as Postfix 3.10 reads them; AssertionError where it refuses."""
+    toks, i = [], 0
+    while i < len(policy):
+        if policy[i] in " \t\r\n,":
+            i += 1
+            continue
+        if policy[i] == "{":
+            depth, j = 0, i
+            while j < len(policy):
+                depth += {"{": 1, "}": -1}.get(policy[j], 0)
+                if depth == 0:
+                    break
+                j += 1
+            assert depth == 0, f"unbalanced brace in {policy!r}"
+            toks.append(policy[i:j + 1])
+            i = j + 1
+        else:
+            j = i
+            while j < len(policy) and policy[j] not in " \t\r\n,":
+                j += 1
+            toks.append(policy[i:j])
+            i = j
+    level, attrs = toks[0], {}
+    assert level in ("none", "may", "encrypt", "dane", "dane-only", "fingerprint", "verify",
+                     "secure"), level
+    for tok in toks[1:]:
+        if tok.startswith("{"):
+            assert tok.endswith("}"), tok
+            tok = " ".join(tok[1:-1].split())
+        name, eq, val = tok.partition("=")
+        name, val = name.strip(), val.strip()
+        assert eq and name, f"malformed attribute/value pair {tok!r}"
+        assert name in _PF_ONCE | _PF_MULTI | _PF_LAST, f"invalid attribute name: {name!r}"
+        assert not (name in _PF_ONCE and name in attrs), f"{name} specified multiple times"
+        attrs.setdefault(name, []).append(val)
+    if "policy_type" in attrs:
+        assert attrs["policy_type"][0] in ("sts", "no-policy-found")
+    if "policy_domain" in attrs:
+        assert parse_nexthop(attrs["policy_domain"][0]) is not None
+    if "policy_failure" in attrs:
+        assert attrs["policy_failure"][0] in ("sts-policy-fetch-error", "sts-policy-invalid",
+                                              "sts-webpki-invalid", "validation-failure")
+    if "policy_type" not in attrs:
+        assert not _PF_EXT & set(attrs), "built-in policy has unexpected attribute"
+    return level, attrs
+
+
+def test_tlsrpt_attributes_for_sts_enforce():
+    pol = StsPolicy("enforce", ("mail.example.com", "*.example.net", "backupmx.example.com"),
+                    604800)
+    a = PolicyResolver.sts_answer("example.com", StsLookup("example.com", "fetched", pol, "i"))
+    plain = "OK secure match=mail.example.com:.example.net:backupmx.example.com servername=hostname"
+    assert a.socketmap_reply() == plain                      # switch off: Postfix 3.7 form
+    assert a.socketmap_reply(tlsrpt=True) == plain + (
+        " policy_type=sts policy_domain=example.com"
+        " { policy_string = version: STSv1 } { policy_string = mode: enforce }"
+        " { policy_string = mx: mail.example.com } { policy_string = mx: *.example.net }"
+        " { policy_string = mx: backupmx.example.com } { policy_string = max_age: 604800 }"
+        " mx_host_pattern=mail.example.com mx_host_pattern=*.example.net"
+        " mx_host_pattern=backupmx.example.com")
+    level, attrs = postfix_parse_policy(a.socketmap_reply(tlsrpt=True)[3:])
+    assert level == "secure"
+    assert attrs["policy_type"] == ["sts"] and attrs["policy_domain"] == ["example.com"]
+    assert attrs["policy_string"] == pol.policy_strings()
+    assert attrs["mx_host_pattern"] == list(pol.mx)
+    assert attrs["match"] == ["mail.example.com:.example.net:backupmx.example.com"]
+    assert "policy_failure" not in attrs
+
+
+def test_tlsrpt_attributes_only_on_sts_answers():
+    testing = StsPolicy("testing", ("mx.sts.test",), 600)
+    look = StsLookup("sts.test", "fetched", testing, "i")
+    # testing answered "may": Postfix reports it as the sts policy it is
+    level, attrs = postfix_parse_policy(
+        PolicyResolver.sts_answer("sts.test", look, "may").socketmap_reply(tlsrpt=True)[3:])
+    assert (level, attrs["policy_type"], attrs["policy_string"][1]) == (
+        "may", ["sts"], "mode: testing")
+    # testing answered NOTFOUND (the default): nothing to attach an attribute to
+    assert PolicyResolver.sts_answer("sts.test", look).socketmap_reply(tlsrpt=True) == "NOTFOUND "
+    r = PolicyResolver(["partner.test"], "TLSv1.2", dns=None, mtasts=None)
+    sent = run(r.resolve("partner.test"))
+    assert sent.socketmap_reply(tlsrpt=True) == sent.socketmap_reply() == (
+        "OK secure match=partner.test:.partner.test protocols=>=TLSv1.2")
+    assert postfix_parse_policy(sent.socketmap_reply(tlsrpt=True)[3:])[1].keys() == {
+        "match", "protocols"}
+    fetch_error = PolicyResolver.sts_answer(
+        "sts.test", StsLookup("sts.test", "error", error="sts-policy-fetch-error"))
+    assert fetch_error.socketmap_reply(tlsrpt=True) == "NOTFOUND "   # fail open, no failure
+
+
+def test_tlsrpt_attributes_dane_answer_is_plain(stack):
+    _, _, make, _ = stack
+    r = make()
+    for key, level in (("dane.test", "dane-only"), ("half.test", "dane")):
+        a = run(r.resolve(key))
+        assert a.tlsrpt_policy_type == "tlsa"                   # kept for milterd's records
+        assert a.socketmap_reply(tlsrpt=True) == f"OK {level}"   # Postfix reports DANE itself
+    sts = run(r.resolve("sts.test"))
+    level, attrs = postfix_parse_policy(sts.socketmap_reply(tlsrpt=True)[3:])
+    assert attrs["mx_host_pattern"] == ["mx.sts.test", "*.sts.test"]
+    assert attrs["policy_domain"] == ["sts.test"]
+
+
+def test_postfix_grammar_mirror_refuses_what_postfix_refuses():
+    for bad in ("secure policy_type=tlsa", "secure policy_domain=x.test",
+                "secure policy_type=sts policy_type=sts", "secure { policy_string = a",
+                "secure bogus=1", "secure mx_host_pattern=a.test"):
+        with pytest.raises(AssertionError):
+            postfix_parse_policy(bad)

@@ -23,7 +23,7 @@ import asyncio
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 from milterd.outbound.tlspolicy import PolicyAnswer
 
@@ -59,15 +59,24 @@ class SocketmapServer:
     :param request_timeout: time limit for reading one request body and for answering it.
     :param max_connections: concurrent connection limit.
 
-    ``server.resolver`` may be replaced at any time (config reload); requests already being
-    answered finish with the old one.
+    :param tlsrpt: append the Postfix >= 3.10 TLSRPT attributes to MTA-STS answers
+        (:meth:`~milterd.outbound.tlspolicy.PolicyAnswer.socketmap_reply`; ``[socketmap] tlsrpt``).
+    :param on_answer: called with ``(key, answer)`` for every answer the resolver gave, just
+        before it is sent (the served-policy record the maillog follower reads); exceptions
+        are logged and do not change the reply.
+
+    ``server.resolver`` and ``server.tlsrpt`` may be replaced at any time (config reload);
+    requests already being answered finish with the old resolver.
     """
 
     def __init__(self, resolver: _Resolver, host: str = "127.0.0.1", port: int = 0,
                  map_name: str = "tlspolicy", *, max_request: int = 2048,
                  idle_timeout: float = 300.0, request_timeout: float = 60.0,
-                 max_connections: int = 256) -> None:
+                 max_connections: int = 256, tlsrpt: bool = False,
+                 on_answer: Callable[[str, PolicyAnswer], None] | None = None) -> None:
         self.resolver = resolver
+        self.tlsrpt = tlsrpt
+        self.on_answer = on_answer
         self.host = host
         self._port = port
         self.map_name = map_name
@@ -179,7 +188,12 @@ class SocketmapServer:
         except Exception:
             log.exception("socketmap: resolving %r failed", key[:255])
             return "TEMP internal error"
-        reply = answer.socketmap_reply()
+        if self.on_answer is not None:
+            try:
+                self.on_answer(key, answer)
+            except Exception:
+                log.exception("socketmap: recording the answer for %r failed", key[:255])
+        reply = answer.socketmap_reply(tlsrpt=self.tlsrpt)
         if len(reply.encode("utf-8")) > MAX_REPLY:
             log.error("socketmap: reply for %r over %d bytes", key[:255], MAX_REPLY)
             return "TEMP reply too large"

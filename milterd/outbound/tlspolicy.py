@@ -19,6 +19,11 @@ Order of decisions for a next-hop key (``example.com``, ``example.com.``, ``[mx.
    SMTP port (an explicit ``[host]`` next hop has no MX, so no MTA-STS).
 4. Otherwise ``NOTFOUND``: Postfix applies its own default (normally opportunistic TLS).
 
+TLSRPT attributes (``[socketmap] tlsrpt = true``, Postfix >= 3.10): an MTA-STS answer is followed
+by ``policy_type=sts policy_domain=… { policy_string = … }… mx_host_pattern=…`` (see
+:meth:`PolicyAnswer.tlsrpt_attributes`); DANE and send-list answers stay plain.  Off by default:
+Postfix 3.9 and older refuse the attribute names and would defer the mail.
+
 Keys that are not a domain or ``[host]`` — notably the ``.parent`` keys Postfix tries after a
 ``NOTFOUND`` for ``sub.parent`` (smtp_tls_policy.c, ``tls_policy_lookup``) and the pathname of a
 UNIX-domain next hop — get ``NOTFOUND`` without any DNS: the full-name query has already applied
@@ -100,13 +105,42 @@ class PolicyAnswer:
     sts_mode: str | None = None
     sts_error: str | None = None  # RFC 8460 result type of an MTA-STS fetch failure
 
-    def socketmap_reply(self) -> str:
-        """The socketmap reply payload (without netstring framing)."""
+    def socketmap_reply(self, tlsrpt: bool = False) -> str:
+        """The socketmap reply payload (without netstring framing).
+
+        ``tlsrpt=True`` (``[socketmap] tlsrpt``, Postfix >= 3.10 only) appends
+        :meth:`tlsrpt_attributes` to an MTA-STS answer; every other answer stays as it is.
+        """
         if self.kind in ("temp", "perm"):
             return f"{self.kind.upper()} {self.reason or ''}"
         if self.kind == "notfound":
             return "NOTFOUND "
-        return f"OK {self.policy}"
+        attrs = self.tlsrpt_attributes() if tlsrpt else ""
+        return f"OK {self.policy}{' ' + attrs if attrs else ''}"
+
+    def tlsrpt_attributes(self) -> str:
+        """The Postfix >= 3.10 TLSRPT attributes of an MTA-STS answer, ``""`` for any other.
+
+        Grammar (Postfix TLSRPT_README "MTA-STS Support via smtp_tls_policy_maps";
+        ``tls_policy_lookup_one`` in src/smtp/smtp_tls_policy.c, 3.10.0 and later):
+        ``policy_type=sts policy_domain=<domain> { policy_string = <line> }…
+        mx_host_pattern=<pattern>…`` — ``policy_type`` is ``sts`` or ``no-policy-found`` only,
+        ``policy_domain`` must be a valid host name, the brace form protects the blanks of a
+        policy line.  Only MTA-STS answers carry them: Postfix reports DANE itself (a
+        ``dane``/``dane-only`` level makes it ignore ``policy_type``), a send-list answer is a
+        local policy that Postfix already reports as ``no-policy-found``, and its README calls
+        the attributes an error on a non-STS policy.  ``policy_failure`` is never sent: it
+        would force the delivery to fail, while a fetch failure without a cached policy must
+        fail open (RFC 8461 §5) and is answered ``NOTFOUND``.  Postfix 3.9 and older reject any
+        of these names ("invalid attribute name") — hence the switch.
+        """
+        if (self.tlsrpt_policy_type != "sts" or self.source != "mta-sts"
+                or self.kind not in ("secure", "may")):
+            return ""
+        parts = ["policy_type=sts", f"policy_domain={self.domain}"]
+        parts += [f"{{ policy_string = {_brace_safe(s)} }}" for s in self.policy_strings]
+        parts += [f"mx_host_pattern={p}" for p in self.mx_patterns]
+        return " ".join(parts)
 
     def to_json(self) -> dict:
         """Plain-dict form (for the TLS-RPT session records)."""
@@ -406,6 +440,12 @@ class PolicyResolver:
             return False, [], 0
         usable = [r for r in res.records if r.split(" ", 1)[0] in ("2", "3")]
         return bool(usable), usable, res.ttl
+
+
+def _brace_safe(text: str) -> str:
+    """A policy line as the value of ``{ name = value }``: no braces, blanks folded to one
+    space (Postfix normalises whitespace there anyway; parsed policies never contain braces)."""
+    return " ".join(text.replace("{", " ").replace("}", " ").split())
 
 
 def _cache_key(hop: NextHop) -> str:
