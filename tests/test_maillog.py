@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from dataclasses import replace
 from datetime import datetime, timezone
 
 import pytest
@@ -34,9 +35,11 @@ def test_verified_sent():
     p = parser()
     assert p.feed(VERIFIED) is None
     r = p.feed(SENT)
-    assert r == OutboundResult("4B1C52A0F3", "partner.test", "mx1.partner.test[192.0.2.10]:25",
-                               "sent", "verified", None, datetime(2026, 11, 24, 8, 25, 1, tzinfo=UTC),
-                               "alice@partner.test", "2.0.0", "250 2.0.0 Ok: queued as 9F1E2")
+    assert r.session_key.endswith(":4B1C52A0F3:partner.test")  # opens the TLS-RPT session
+    assert replace(r, session_key="") == OutboundResult(
+        "4B1C52A0F3", "partner.test", "mx1.partner.test[192.0.2.10]:25", "sent", "verified", None,
+        datetime(2026, 11, 24, 8, 25, 1, tzinfo=UTC), "alice@partner.test", "2.0.0",
+        "250 2.0.0 Ok: queued as 9F1E2")
     assert (r.relay_host, r.relay_ip, r.tls_failure) == ("mx1.partner.test", "192.0.2.10", False)
 
 
@@ -61,10 +64,17 @@ def test_no_tls_is_none_and_other_process_does_not_leak():
 
 
 def test_connection_cache_reuse_by_another_process():
+    # Postfix (smtp_session.c) logs "... TLS connection reused to ..." in the process that
+    # takes a cached TLS connection; without that line the connection is not a TLS one.
     p = parser()
     p.feed(VERIFIED)
-    r = p.feed(SENT.replace("[4711]", "[4712]").replace("delay=0.42", "conn_use=2, delay=0.42"))
-    assert r.tls_level == "verified"
+    reused = SENT.replace("[4711]", "[4712]").replace("delay=0.42", "conn_use=2, delay=0.42")
+    r = p.feed(reused)
+    assert (r.tls_level, r.session_key) == ("none", "")   # cached plain-text connection
+    p.feed(VERIFIED.replace("[4711]", "[4713]").replace("established", "reused"))
+    r = p.feed(reused.replace("[4712]", "[4713]"))
+    # verified, but the TLS-RPT session was the first use's: no second record
+    assert (r.tls_level, r.session_key) == ("verified", "")
 
 
 @pytest.mark.parametrize("lines,reason,level", [
@@ -338,7 +348,8 @@ def test_sessions_file_and_thread(tmp_path):
                           tlsrpt_policy_type="tlsa", policy_strings=("3 1 1 ab",),
                           mx_patterns=("mx1.partner.test",))
     f = follower(tmp_path, sink, sessions_file=sessions, policy_lookup=lambda d: answer)
-    append(log_path, VERIFIED + "\n" + line("J1") + line("J2", status="deferred"))
+    # two delivery requests, each its own TLS connection (an identical TLS line: same second)
+    append(log_path, VERIFIED + "\n" + line("J1") + VERIFIED + "\n" + line("J2", status="deferred"))
     handle = f.start_in_thread(poll_interval=0.02)
     try:
         with contextlib.suppress(AssertionError):   # asserted below, after the stop

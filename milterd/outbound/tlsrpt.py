@@ -1,9 +1,12 @@
 """SMTP TLS Reporting (RFC 8460): the session records and the aggregate reports built from them.
 
-Records: :func:`session_record` turns one parsed delivery result into one JSON line (the
-:class:`milterd.outbound.maillog_follower.MaillogFollower` appends them to its ``sessions_file``),
-``{"ts", "policy_domain", "policy_type", "policy_string", "mx_host", "receiving_mx_hostname",
-"receiving_ip", "result": "success"|"failure", "result_type", "failure_reason_code", …}``.
+Records: :func:`session_record` turns the delivery line that opens an SMTP session (per
+recipient domain) into one JSON line (the :class:`milterd.outbound.maillog_follower.MaillogFollower`
+appends them to its ``sessions_file``), ``{"ts", "key", "policy_domain", "policy_type",
+"policy_string", "mx_host", "receiving_mx_hostname", "receiving_ip", "result":
+"success"|"failure", "result_type", "failure_reason_code", …}``.  ``key`` names the session:
+:func:`build_report` counts each key once.  ``failure_reason_code`` holds Postfix's fixed words
+only (never remote reply text or certificate names).
 
 Output (RFC 8460 §4.4): ``organization-name``, ``date-range`` {``start-datetime``,
 ``end-datetime``} covering one UTC day, ``contact-info``, ``report-id``, and one ``policies[]``
@@ -49,37 +52,79 @@ RESULT_TYPES = (
 
 
 # -- session records ----------------------------------------------------------------------------
+#: failure-reason-code texts: Postfix's fixed words only, never text a remote party chose.
+_REASON_CODE = {
+    reasons.OUTBOUND_STARTTLS_NOT_OFFERED: "TLS is required, but was not offered",
+    reasons.OUTBOUND_UNTRUSTED_CERT: "Server certificate not verified",
+    reasons.OUTBOUND_NAME_MISMATCH: "Server certificate not verified: name mismatch",
+    reasons.OUTBOUND_HANDSHAKE_FAILED: "Cannot start TLS: handshake failure",
+}
+_VALIDATION = ("not_yet_valid", "purpose", "chain_too_long", "other")
+
+
 def tlsrpt_result_type(result: OutboundResult, policy_type: str) -> str | None:
-    """RFC 8460 §4.3 result type for a failed session, None for a successful one."""
+    """RFC 8460 §4.3 result type for a failed session, None for a successful one.
+
+    Decided by Postfix's own words only: the delivery reason (an exact Postfix text) and the
+    certificate problem code of the session's TLS lines (``result.cert_error``)."""
+    cert = getattr(result, "cert_error", "")
     if result.status == "sent":
-        return None if result.tls_level != "none" else "starttls-not-supported"
+        if result.tls_level != "none":
+            return None
+        return "validation-failure" if cert else "starttls-not-supported"
     if result.reason == reasons.OUTBOUND_STARTTLS_NOT_OFFERED:
         return "starttls-not-supported"
     if result.reason in (reasons.OUTBOUND_UNTRUSTED_CERT, reasons.OUTBOUND_NAME_MISMATCH):
         if policy_type == "tlsa":
             return "tlsa-invalid"
-        if result.reason == reasons.OUTBOUND_NAME_MISMATCH:
+        if result.reason == reasons.OUTBOUND_NAME_MISMATCH or cert == "hostname_mismatch":
             return "certificate-host-mismatch"
-        if "expired" in result.detail.lower():
+        if cert == "expired":
             return "certificate-expired"
+        if cert in _VALIDATION:
+            return "validation-failure"
         return "certificate-not-trusted"
     if result.reason == reasons.OUTBOUND_HANDSHAKE_FAILED:
         return "validation-failure"
     return None  # a non-TLS failure after TLS was established: the TLS session succeeded
 
 
+def failure_reason_code(result: OutboundResult, rtype: str | None) -> str | None:
+    """A fixed-words ``failure-reason-code`` for a failed session (None for a success)."""
+    if rtype is None:
+        return None
+    from milterd.outbound.maillog_parser import CERT_ERROR_TEXT
+
+    parts = []
+    if result.reason in _REASON_CODE:
+        parts.append(_REASON_CODE[result.reason])  # type: ignore[index]
+    elif result.status == "sent":
+        parts.append("delivered without TLS")
+    cert = getattr(result, "cert_error", "")
+    if cert:
+        parts.append(CERT_ERROR_TEXT.get(cert, "certificate verification failed"))
+    return ": ".join(parts) or None
+
+
 def session_record(result: OutboundResult, policy: Any | None) -> dict | None:
-    """The JSON-line record for TLS-RPT, or None when the line is not a TLS session."""
-    if result.service != "smtp" or result.relay == "none" or not result.recipient_domain:
+    """The JSON-line record for TLS-RPT, or None when the line opens no TLS-RPT session.
+
+    Only the line that opens a session for its recipient domain (``result.session_key``, see
+    :mod:`milterd.outbound.maillog_parser`) gives a record, keyed ``key`` by that session, so
+    one SMTP session to several recipients is one record, and a record written twice (a crash
+    between append and state save) is counted once by :func:`build_report`."""
+    if (result.service != "smtp" or result.relay == "none" or not result.recipient_domain
+            or not getattr(result, "session_key", "")):
         return None
     if (result.status != "sent" and result.reason == reasons.OUTBOUND_OTHER
-            and result.tls_level == "none"):
+            and result.tls_level == "none" and not getattr(result, "cert_error", "")):
         return None  # no TLS session was attempted (connection error, plain-text refusal)
     pol = policy.to_json() if policy is not None and hasattr(policy, "to_json") else {}
     policy_type = pol.get("policy_type", "no-policy-found")
     rtype = tlsrpt_result_type(result, policy_type)
     return {
         "ts": result.timestamp.astimezone(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "key": result.session_key,
         "queue_id": result.queue_id,
         "policy_domain": result.recipient_domain,
         "policy_type": policy_type,
@@ -91,7 +136,7 @@ def session_record(result: OutboundResult, policy: Any | None) -> dict | None:
         "tls_level": result.tls_level,
         "result": "failure" if rtype else "success",
         "result_type": rtype,
-        "failure_reason_code": result.detail[:200] if rtype else None,
+        "failure_reason_code": failure_reason_code(result, rtype),
     }
 
 
@@ -126,9 +171,15 @@ def build_report(sessions: Iterable[dict], date: str | _dt.date, organization_na
     """
     day = _day(date)
     groups: "OrderedDict[tuple, dict]" = OrderedDict()
+    seen_keys: set[str] = set()
     for s in sessions:
         if not isinstance(s, dict) or _session_day(s.get("ts")) != day:
             continue
+        key = s.get("key")
+        if isinstance(key, str) and key:
+            if key in seen_keys:
+                continue  # the same session recorded twice (e.g. replayed after a crash)
+            seen_keys.add(key)
         domain = s.get("policy_domain")
         if not isinstance(domain, str) or not domain:
             continue
