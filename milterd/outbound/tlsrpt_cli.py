@@ -1,35 +1,126 @@
-"""``milterd tlsrpt``: build a day's RFC 8460 report from the recorded sessions (and, later,
-deliver it).  The records and the report itself are :mod:`milterd.outbound.tlsrpt`."""
+"""``milterd tlsrpt``: RFC 8460 reports from the recorded outbound sessions.
+
+- ``milterd tlsrpt send [-c FILE] [--date YYYY-MM-DD] [--dry-run]`` delivers every policy domain
+  its daily report (:mod:`milterd.outbound.tlsrpt_send`; run daily by
+  ``contrib/systemd/milterd-tlsrpt.timer``);
+- ``milterd tlsrpt build --sessions FILE --date … --org … --contact …`` prints (or writes) one
+  day's report; the same flags without ``build`` still work (the form before ``send`` existed).
+
+The records and the report itself are :mod:`milterd.outbound.tlsrpt`."""
 
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
 import gzip
 import json
 import os
 import sys
 import uuid
-import datetime as _dt
 
 from milterd.outbound.tlsrpt import build_report, load_sessions
 
 
-def register(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
-    """Add the ``tlsrpt`` sub-command; its ``func(args) -> int`` is set with set_defaults."""
-    p = subparsers.add_parser(
-        "tlsrpt", help="build an RFC 8460 TLS-RPT report from recorded outbound sessions",
-        description="Build an RFC 8460 SMTP TLS report (JSON) for one UTC day.")
-    p.add_argument("--sessions", required=True, metavar="FILE",
+def _build_arguments(p: argparse.ArgumentParser, *, required: bool) -> None:
+    p.add_argument("--sessions", required=required, metavar="FILE",
                    help="JSON-lines session file written by the maillog follower")
-    p.add_argument("--date", required=True, metavar="YYYY-MM-DD", help="UTC day to report")
-    p.add_argument("--org", required=True, metavar="NAME", help="organization-name")
-    p.add_argument("--contact", required=True, metavar="EMAIL", help="contact-info")
+    p.add_argument("--date", required=required, metavar="YYYY-MM-DD", help="UTC day to report")
+    p.add_argument("--org", required=required, metavar="NAME", help="organization-name")
+    p.add_argument("--contact", required=required, metavar="EMAIL", help="contact-info")
     p.add_argument("--out", metavar="FILE", help="write here (.gz: gzip) instead of stdout")
     p.add_argument("--domain", metavar="DOMAIN", help="only this policy domain")
     p.add_argument("--report-id", metavar="ID", help="report-id (default: generated)")
     p.add_argument("--sending-ip", metavar="IP", help="sending-mta-ip for failure details")
-    p.set_defaults(func=run_tlsrpt)
+
+
+def register(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
+    """Add the ``tlsrpt`` command; its ``func(args) -> int`` is set with set_defaults."""
+    p = subparsers.add_parser(
+        "tlsrpt", help="RFC 8460 TLS-RPT: send the daily reports, or build one",
+        description="SMTP TLS Reporting (RFC 8460). 'send' delivers each policy domain its "
+                    "daily report; 'build' prints one day's report. The build flags are also "
+                    "accepted without 'build'.")
+    # the form before sub-commands existed: `milterd tlsrpt --sessions … --date …`
+    _build_arguments(p, required=False)
+    p.set_defaults(func=_run_legacy)
+    sub = p.add_subparsers(dest="tlsrpt_command", metavar="SUBCOMMAND")
+
+    s = sub.add_parser(
+        "send", help="deliver each policy domain its report for every finished UTC day",
+        description="Deliver RFC 8460 reports: for each finished UTC day of the last "
+                    "7 (or --date) and each policy domain with recorded sessions that publishes "
+                    "a TLSRPT record, send the day's report to every rua (mailto: through the "
+                    "local MTA, https: by POST). Each (day, domain, rua) is sent once; "
+                    "temporary failures are retried by later runs. State, stored reports and "
+                    "tlsrpt.prom live in [outbound] state_dir.")
+    s.add_argument("-c", "--config", default="/etc/milterd/milterd.toml",
+                   help="TOML config file (default: %(default)s)")
+    s.add_argument("--date", dest="send_date", metavar="YYYY-MM-DD",
+                   help="only this finished UTC day (within the lookback)")
+    s.add_argument("--dry-run", action="store_true",
+                   help="look up records and build reports, send nothing, change no state")
+    s.set_defaults(func=run_send)
+
+    b = sub.add_parser("build", help="print one day's report from a session file",
+                       description="Build an RFC 8460 SMTP TLS report (JSON) for one UTC day.")
+    _build_arguments(b, required=True)
+    b.set_defaults(func=run_tlsrpt)
     return p
+
+
+def _run_legacy(args: argparse.Namespace) -> int:
+    missing = [f"--{k}" for k in ("sessions", "date", "org", "contact")
+               if getattr(args, k, None) is None]
+    if missing:
+        print("milterd tlsrpt: give a sub-command (send, build), or for a report: "
+              f"the arguments {', '.join(missing)} are required", file=sys.stderr)
+        return 2
+    return run_tlsrpt(args)
+
+
+def run_send(args: argparse.Namespace) -> int:
+    import logging
+
+    from milterd.core.config import ConfigError, load_config
+    from milterd.outbound.tlsrpt_send import SendError, TlsRptSender
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        for e in exc.errors:
+            print(f"milterd tlsrpt send: {e}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"milterd tlsrpt send: -c: {exc.strerror}: {args.config}", file=sys.stderr)
+        return 2
+    try:
+        from milterd.core.logs import setup_logging
+
+        setup_logging(config)
+    except Exception:  # pragma: no cover - logging setup must not stop the reports
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    if logging.getLogger().level > logging.INFO:
+        logging.getLogger("milterd.tlsrpt").setLevel(logging.INFO)  # one line per outcome
+    day = None
+    if args.send_date:
+        try:
+            day = _dt.date.fromisoformat(args.send_date)
+        except ValueError:
+            print(f"milterd tlsrpt send: --date: not a YYYY-MM-DD date: {args.send_date!r}",
+                  file=sys.stderr)
+            return 2
+    try:
+        sender = TlsRptSender(config, dry_run=args.dry_run)
+        outcomes = sender.run(day)
+    except SendError as exc:
+        print(f"milterd tlsrpt send: {exc}", file=sys.stderr)
+        return 2
+    counts: dict[str, int] = {}
+    for o in outcomes:
+        counts[o.result] = counts.get(o.result, 0) + 1
+    summary = ", ".join(f"{n} {r}" for r, n in sorted(counts.items())) or "nothing to do"
+    logging.getLogger("milterd.tlsrpt").info("tlsrpt send: done: %s", summary)
+    return 1 if counts.get("gave_up") else 0
 
 
 def run_tlsrpt(args: argparse.Namespace) -> int:

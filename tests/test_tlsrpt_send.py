@@ -1,0 +1,581 @@
+"""``milterd tlsrpt send`` (#16 item 2): RFC 8460 reports delivered for real.
+
+A real private Postfix on 127.0.0.1 is the local MTA; it relays mailto: reports to a second
+Postfix (127.0.73.1:25, the rua domain reports.fabrikam.test) whose mailbox is read back and parsed
+by parsedmarc's SMTP TLS report parser (an independent consumer).  https: reports go to a loopback
+HTTPS endpoint with a certificate from the test PKI.  TLSRPT records come from the loopback test
+DNS server.  Crashes are simulated by an exception raised from the sender's test hook between the
+state steps; clocks are passed in (no sleeps) to step through retry backoff.
+"""
+
+from __future__ import annotations
+
+import configparser
+import datetime as dt
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from dns_server import DnsServer
+from milterd.core.config import parse_config
+from milterd.lab.postfix import PostfixLab
+from milterd.lab.smtp import make_message, send
+from milterd.lab.wait import wait_until
+from milterd.outbound import tlsrpt_send
+from milterd.outbound.tlsrpt_send import (METRICS_FILE, SESSIONS_FILE, STATE_FILE, SendError,
+                                          TlsRptFileCollector, TlsRptSender, parse_tlsrpt_record)
+
+
+REPO = Path(__file__).resolve().parents[1]
+UTC = dt.timezone.utc
+RUA_DOMAIN = "reports.fabrikam.test"
+RUA_ADDR = "127.0.73.1"
+# a finished UTC day whatever the time of the test run
+DAY = (dt.datetime.now(UTC) - dt.timedelta(days=2)).date()
+NOW = dt.datetime.combine(DAY + dt.timedelta(days=1), dt.time(1, 0), UTC)
+
+
+# -- RFC 8460 §3 record parsing (no network) ---------------------------------------------------
+@pytest.mark.parametrize("txts,ruas", [
+    (["v=TLSRPTv1; rua=mailto:r@x.test"], ["mailto:r@x.test"]),
+    (["v=TLSRPTv1;rua=mailto:r@x.test,https://x.test/r;"], ["mailto:r@x.test", "https://x.test/r"]),
+    (["v=TLSRPTv1 ; rua=mailto:r@x.test , https://x.test/r ; ext=1"],
+     ["mailto:r@x.test", "https://x.test/r"]),
+    (["v=spf1 -all", "v=TLSRPTv1; rua=mailto:r@x.test"], ["mailto:r@x.test"]),
+    (["v=TLSRPTv1; rua=ftp://x.test/r,mailto:r@x.test"], ["mailto:r@x.test"]),
+    (["v=TLSRPTv1; rua=mailto:r@x.test", "v=TLSRPTv1; rua=mailto:s@x.test"], []),   # two
+    (["v=TLSRPTv1; rua=ftp://x.test/r"], []),           # nothing usable
+    (["v=TLSRPTv1"], []),                               # no rua
+    (["v=TLSRPTv2; rua=mailto:r@x.test"], []),
+    (["rua=mailto:r@x.test; v=TLSRPTv1;"], []),        # must begin with the version
+    (["v=TLSRPTv1; rua=mailto:r@x.test; bad field"], []),
+    (["v=TLSRPTv1; rua=mailto:r@x.test; rua=mailto:s@x.test"], []),
+    ([], []), (None, []),
+])
+def test_record_parsing(txts, ruas):
+    got, why = parse_tlsrpt_record(txts)
+    assert got == ruas
+    assert bool(why) == (not ruas)
+
+
+def test_display_uri_hides_tokens():
+    assert (tlsrpt_send.display_uri("https://u:pw@r.test:8443/in?token=s3cret") ==
+            "https://r.test:8443/in?…")
+    assert "s3cret" not in tlsrpt_send.display_uri("https://r.test/in?token=s3cret")
+
+
+# -- a loopback HTTPS report endpoint ----------------------------------------------------------
+class ReportEndpoint:
+    """POSTs to https://localhost:PORT/<anything>; ``statuses[path]`` lists the answers to give
+    first (then 200); ``requests`` keeps (path, headers, body)."""
+
+    def __init__(self, cert: Path, key: Path) -> None:
+        import ssl
+
+        self.statuses: dict[str, list[int]] = {}
+        self.requests: list[tuple[str, dict[str, str], bytes]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:  # noqa: N802
+                length = int(self.headers.get("Content-Length", "0"))
+                body = self.rfile.read(length)
+                if len(body) < length:          # the client went away mid-body: discarded
+                    self.close_connection = True
+                    return
+                outer.requests.append((self.path, dict(self.headers), body))
+                queue = outer.statuses.get(self.path) or []
+                status = queue.pop(0) if queue else 200
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.close_connection = True
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(cert), str(key))
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self._httpd.socket = ctx.wrap_socket(self._httpd.socket, server_side=True)
+        self.port = self._httpd.server_address[1]
+        self._thread = threading.Thread(target=self._httpd.serve_forever,
+                                        kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread.start()
+
+    def url(self, path: str) -> str:
+        return f"https://localhost:{self.port}/{path}"
+
+    def bodies(self, path: str) -> list[bytes]:
+        return [b for p, _, b in self.requests if p == f"/{path}"]
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(5)
+
+
+# -- the lab -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lab(partners):
+    pki = partners.pki
+    issued = pki.issue("tlsrpt-endpoint", "localhost")
+    endpoint = ReportEndpoint(issued.cert_path, issued.key_path)
+    dns = DnsServer().start()
+    receiver = PostfixLab(milter_socket=None, tls=None, local_domains=(RUA_DOMAIN,),
+                          hostname=f"mx.{RUA_DOMAIN}", listen_address=RUA_ADDR, port=25)
+    local = PostfixLab(milter_socket=None, tls=None, hostname="mx.contoso.test",
+                       hosts={RUA_DOMAIN: RUA_ADDR})
+    try:
+        receiver.start()
+        local.start()
+        yield {"pki": pki, "endpoint": endpoint, "dns": dns, "receiver": receiver,
+               "local": local}
+    finally:
+        local.cleanup()
+        receiver.cleanup()
+        dns.stop()
+        endpoint.stop()
+
+
+def _publish(lab, domain: str, *records: str) -> None:
+    lab["dns"].add(f"_smtp._tls.{domain}", "TXT", [json.dumps(r) for r in records])
+
+
+def _config(lab, state: Path, smtp_port: int | None = None, extra: str = "") -> str:
+    return f"""
+[outbound]
+state_dir = "{state}"
+dns_servers = ["127.0.0.1:{lab['dns'].port}"]
+[tlsrpt]
+organization = "Contoso Ltd"
+contact = "tlsrpt@contoso.test"
+smtp = "127.0.0.1:{smtp_port or lab['local'].port}"
+https_ca_file = "{lab['pki'].ca_path}"
+sending_ip = "192.0.2.25"
+{extra}"""
+
+
+def _sessions(state: Path, *records: dict) -> None:
+    state.mkdir(parents=True, exist_ok=True)
+    with open(state / SESSIONS_FILE, "a") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+def _rec(domain: str, *, day: dt.date = DAY, ok: bool = True, queue_id: str = "4AB12C3D4E",
+         hour: int = 10) -> dict:
+    return {"ts": f"{day.isoformat()}T{hour:02d}:00:00Z", "queue_id": queue_id,
+            "policy_domain": domain, "policy_type": "no-policy-found", "policy_string": [],
+            "mx_host": [], "receiving_mx_hostname": f"mx.{domain}", "receiving_ip": "192.0.2.7",
+            "status": "sent" if ok else "deferred", "tls_level": "verified" if ok else "none",
+            "result": "success" if ok else "failure",
+            "result_type": None if ok else "starttls-not-supported",
+            "failure_reason_code": None if ok else "STARTTLS not offered"}
+
+
+def _mails(lab, domain: str) -> list:
+    return [m for m in lab["receiver"].delivered() if m["TLS-Report-Domain"] == domain]
+
+
+def _cli(cfg: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "milterd", "tlsrpt", "send", "-c", str(cfg),
+                           *args], capture_output=True, text=True, timeout=120)
+
+
+def _rcpt_code(port: int, rcpt: str) -> int:
+    import smtplib
+
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+        s.ehlo()
+        s.mail("probe@contoso.test")
+        code = s.rcpt(rcpt)[0]
+        s.rset()
+        return code
+
+
+def _state(state: Path) -> dict:
+    return json.loads((state / STATE_FILE).read_text())
+
+
+# -- end to end through the CLI ------------------------------------------------------------------
+@pytest.mark.postfix
+def test_send_mailto_through_postfix_and_https_then_nothing_twice(lab, tmp_path):
+    import parsedmarc
+
+    from milterd.lab.metrics import parse
+
+    ep = lab["endpoint"]
+    _publish(lab, "fabrikam.test",
+             f"v=TLSRPTv1; rua=mailto:tlsrpt@{RUA_DOMAIN},{ep.url('fabrikam.test')}?k=s3cret")
+    _publish(lab, "tworecords.test", "v=TLSRPTv1; rua=mailto:a@" + RUA_DOMAIN,
+             "v=TLSRPTv1; rua=mailto:b@" + RUA_DOMAIN)
+    _publish(lab, "ftponly.test", "v=TLSRPTv1; rua=ftp://ftp.ftponly.test/in")
+    # nopolicy.test: NXDOMAIN
+    state = tmp_path / "state"
+    _sessions(state, _rec("fabrikam.test"), _rec("fabrikam.test", queue_id="5BC"),
+              _rec("fabrikam.test", ok=False, queue_id="6CD"),
+              _rec("fabrikam.test", day=DAY - dt.timedelta(days=1)),     # an earlier day
+              _rec("nopolicy.test"), _rec("tworecords.test"), _rec("ftponly.test"))
+    cfg = tmp_path / "milterd.toml"
+    cfg.write_text(_config(lab, state))
+
+    # --dry-run: looks, builds, sends nothing, keeps no state
+    r = _cli(cfg, "--dry-run", "--date", DAY.isoformat())
+    assert r.returncode == 0, r.stderr
+    assert "would send" in r.stderr and not (state / STATE_FILE).exists()
+    assert ep.bodies("fabrikam.test") == []
+
+    r = _cli(cfg)
+    assert r.returncode == 0, r.stderr
+    log = r.stderr
+    assert "s3cret" not in log                                # the rua's token stays out of logs
+    for line in (f"{DAY} fabrikam.test mailto:tlsrpt@{RUA_DOMAIN}: sent",
+                 f"{DAY} fabrikam.test https://localhost:{ep.port}/fabrikam.test?…: sent",
+                 f"{DAY} nopolicy.test: no record",
+                 f"{DAY} tworecords.test: no record: 2 TLSRPT records",
+                 f"{DAY} ftponly.test: no record"):
+        assert line in log, log
+
+    # https: one POST per day, gzip, the right media type, an RFC 8460 report for the day
+    posts = {json.loads(gzip.decompress(b))["date-range"]["start-datetime"][:10]: b
+             for b in ep.bodies("fabrikam.test?k=s3cret")}
+    assert sorted(posts) == [str(DAY - dt.timedelta(days=1)), str(DAY)]
+    assert len(ep.bodies("fabrikam.test?k=s3cret")) == 2
+    body = posts[str(DAY)]
+    assert {h["Content-Type"] for p, h, _ in ep.requests if p.startswith("/fabrikam.test")} == {
+        "application/tlsrpt+gzip"}
+    posted = json.loads(gzip.decompress(body))
+    (pol,) = posted["policies"]
+    assert pol["policy"]["policy-domain"] == "fabrikam.test"
+    assert pol["summary"] == {"total-successful-session-count": 2,
+                              "total-failure-session-count": 1}
+    assert pol["failure-details"][0]["sending-mta-ip"] == "192.0.2.25"
+
+    # mailto: through the local Postfix to the rua's mailbox, parsed by parsedmarc
+    mails = wait_until(lambda: len(_mails(lab, "fabrikam.test")) == 2 and
+                       _mails(lab, "fabrikam.test"), 30,
+                       lambda: lab["local"].log_tail() + lab["receiver"].log_tail())
+    (mail,) = [m for m in mails if f"Report-ID: <{posted['report-id']}>" in
+               " ".join(m["Subject"].split())]
+    assert mail["TLS-Report-Submitter"] == "contoso.test"
+    assert mail.get_content_type() == "multipart/report"
+    assert mail.get_param("report-type") == "tlsrpt"
+    assert " ".join(mail["Subject"].split()) == (
+        f"Report Domain: fabrikam.test Submitter: contoso.test "
+        f"Report-ID: <{posted['report-id']}>")
+    (att,) = [p for p in mail.walk() if p.get_content_type() == "application/tlsrpt+gzip"]
+    begin = int(dt.datetime.combine(DAY, dt.time(), UTC).timestamp())
+    name = att.get_filename()
+    assert name.startswith(f"contoso.test!fabrikam.test!{begin}!{begin + 86399}!")
+    assert name.endswith(".json.gz") and name.split("!")[4][:-8].isalnum()
+    assert gzip.decompress(att.get_content()) == gzip.decompress(body)   # the same report
+    parsed = parsedmarc.parse_report_email(mail.as_bytes(), offline=True)
+    assert parsed["report_type"] == "smtp_tls"
+    rep = parsed["report"]
+    assert rep["organization_name"] == "Contoso Ltd" and rep["report_id"] == posted["report-id"]
+    assert rep["begin_date"] == f"{DAY}T00:00:00Z"
+    (p,) = rep["policies"]
+    assert (p["policy_domain"], p["policy_type"], p["successful_session_count"],
+            p["failed_session_count"]) == ("fabrikam.test", "no-policy-found", 2, 1)
+    assert p["failure_details"][0]["result_type"] == "starttls-not-supported"
+
+    # the earlier day in the lookback is reported too, as its own report
+    earlier = DAY - dt.timedelta(days=1)
+    assert f"{earlier} fabrikam.test mailto:tlsrpt@{RUA_DOMAIN}: sent" in log
+
+    # nothing for domains without a (single, usable) record
+    assert not any(p.startswith(("/nopolicy", "/tworecords", "/ftponly"))
+                   for p, _, _ in ep.requests)
+
+    # metrics: the .prom file, exported by the collector the daemon registers
+    fams = parse((state / METRICS_FILE).read_text())
+    key = "milterd_tlsrpt_reports_total"
+    assert fams[key + '{domain="fabrikam.test",result="sent"}'] == 4    # 2 days x 2 rua
+    assert fams[key + '{domain="nopolicy.test",result="no_record"}'] == 1
+    assert fams["milterd_tlsrpt_pending_deliveries"] == 0
+
+    # a second run sends nothing
+    before = len(ep.requests)
+    r = _cli(cfg)
+    assert r.returncode == 0, r.stderr
+    assert "done: nothing to do" in r.stderr and ": sent" not in r.stderr
+    assert len(ep.requests) == before
+    # the local MTA got no second report: a canary submitted after the run arrives alone
+    assert send(lab["local"].port, "canary@contoso.test", [f"tlsrpt@{RUA_DOMAIN}"],
+                make_message("canary@contoso.test", f"tlsrpt@{RUA_DOMAIN}", "canary")).accepted
+    wait_until(lambda: any(m["Subject"] == "canary" for m in lab["receiver"].delivered()), 30)
+    assert len(_mails(lab, "fabrikam.test")) == 2         # DAY and the earlier day, once each
+
+    # --- no report about report deliveries: the local Postfix's own log, read as the follower
+    # does, records the report's relay to reports.fabrikam.test; those sessions are left out
+    from milterd.outbound.maillog_parser import MaillogParser
+    from milterd.outbound.tlsrpt import session_record
+
+    submitted = set(_state(state)["submitted"])
+    assert len(submitted) == 2                    # the queue IDs of the two mailed reports
+
+    def follower_records():
+        parser = MaillogParser()
+        return [rec for line in lab["local"].log_text().splitlines()
+                if (res := parser.feed(line)) and (rec := session_record(res, None))]
+
+    # the local Postfix logs the relay of both reports and the canary
+    recs = wait_until(lambda: (lambda rs: len({r["queue_id"] for r in rs if r["policy_domain"]
+                                               == RUA_DOMAIN} & submitted) == 2 and rs)(
+        follower_records()), 30, lab["local"].log_tail)
+    to_rua = [rec for rec in recs if rec["policy_domain"] == RUA_DOMAIN]
+    others = [rec for rec in to_rua if rec["queue_id"] not in submitted]   # canary & co
+    assert others, "the canary's relay is a session like any other"
+    for rec in recs:                    # as if they had all happened on the finished DAY
+        rec["ts"] = f"{DAY.isoformat()}T12:00:00Z"
+    _sessions(state, *recs, _rec(RUA_DOMAIN, queue_id="CONTROL1"))
+    _publish(lab, RUA_DOMAIN, f"v=TLSRPTv1; rua={ep.url(RUA_DOMAIN)}")
+    r = _cli(cfg)
+    assert r.returncode == 0, r.stderr
+    assert "left out: deliveries of our own reports" in r.stderr
+    (body,) = ep.bodies(RUA_DOMAIN)
+    (pol,) = json.loads(gzip.decompress(body))["policies"]
+    counted = (pol["summary"]["total-successful-session-count"] +
+               pol["summary"]["total-failure-session-count"])
+    assert counted == 1 + len(others)   # the control and the canary, not the two reports
+
+
+@pytest.mark.postfix
+def test_retry_after_4xx_and_503_then_success(lab, tmp_path):
+    ep = lab["endpoint"]
+    busy = f"busy@{RUA_DOMAIN}"
+    _publish(lab, "retry.test", f"v=TLSRPTv1; rua=mailto:{busy},{ep.url('retry.test')}")
+    ep.statuses["/retry.test"] = [503]
+    local = lab["local"]
+    local.extra["smtpd_recipient_restrictions"] = (
+        f"check_recipient_access inline:{{{{ {busy} = 450 4.2.0 mailbox busy }}}}, "
+        "permit_mynetworks, reject_unauth_destination")
+    local.reload()
+    wait_until(lambda: _rcpt_code(local.port, busy) == 450, 30, "the 450 rule in force")
+    state = tmp_path / "state"
+    _sessions(state, _rec("retry.test"))
+    cfg = parse_config(_config(lab, state))
+    try:
+        out = TlsRptSender(cfg, now=NOW).run()
+        assert sorted((o.rua.split(":")[0], o.result) for o in out) == [
+            ("https", "retry"), ("mailto", "retry")], out
+        assert any("450 4.2.0" in o.detail and "mailbox busy" in o.detail for o in out)
+        assert any("HTTP 503" in o.detail for o in out)
+        entries = _state(state)["deliveries"]
+        assert {e["state"] for e in entries.values()} == {"retry"}
+        first_ids = {e["report_id"] for e in entries.values()}
+
+        # not due yet: nothing is attempted
+        out = TlsRptSender(cfg, now=NOW + dt.timedelta(minutes=5)).run()
+        assert {o.result for o in out} == {"pending"}
+        assert len(ep.bodies("retry.test")) == 1
+        prom = (state / METRICS_FILE).read_text()
+        assert "milterd_tlsrpt_pending_deliveries 2" in prom
+        assert 'milterd_tlsrpt_reports_total{domain="retry.test",result="retry"} 2' in prom
+    finally:
+        del local.extra["smtpd_recipient_restrictions"]
+        local.reload()
+        wait_until(lambda: _rcpt_code(local.port, busy) == 250, 30, "the 450 rule gone")
+
+    out = TlsRptSender(cfg, now=NOW + dt.timedelta(minutes=16)).run()
+    assert sorted(o.result for o in out) == ["sent", "sent"], out
+    bodies = ep.bodies("retry.test")
+    assert len(bodies) == 2 and bodies[0] == bodies[1]        # the same report, same report-id
+    assert {e["report_id"] for e in _state(state)["deliveries"].values()} == first_ids
+    (mail,) = wait_until(lambda: _mails(lab, "retry.test"), 30, local.log_tail)
+    assert first_ids == {json.loads(gzip.decompress(
+        next(p for p in mail.walk() if p.get_content_type() == "application/tlsrpt+gzip")
+        .get_content()))["report-id"]}
+    assert TlsRptSender(cfg, now=NOW + dt.timedelta(hours=3)).run() == []
+
+
+@pytest.mark.postfix
+def test_gives_up_after_the_bound(lab, tmp_path, caplog):
+    ep = lab["endpoint"]
+    _publish(lab, "down.test", f"v=TLSRPTv1; rua={ep.url('down.test')}")
+    ep.statuses["/down.test"] = [503] * 50
+    state = tmp_path / "state"
+    _sessions(state, _rec("down.test"))
+    cfg = parse_config(_config(lab, state))
+    t = NOW
+    results = []
+    while t < NOW + dt.timedelta(days=3):
+        results += [o.result for o in TlsRptSender(cfg, now=t).run()]
+        t += dt.timedelta(hours=1)
+    attempts = len(ep.bodies("down.test"))
+    assert results.count("gave_up") == 1 and results[-1] != "sent"
+    # backoff 15 min .. 8 h over 2 days, runs hourly: far fewer attempts than runs
+    assert 6 <= attempts <= 12, attempts
+    assert "gave up" in caplog.text
+    assert 'result="gave_up"} 1' in (state / METRICS_FILE).read_text()
+
+
+@pytest.mark.postfix
+@pytest.mark.parametrize("crash_at,rua_kind", [("claimed", "https"), ("committing", "https"),
+                                                ("delivered", "mailto"),
+                                                ("claimed", "mailto")])
+def test_crash_mid_run_never_sends_twice(lab, tmp_path, crash_at, rua_kind):
+    ep = lab["endpoint"]
+    domain = f"crash-{crash_at}-{rua_kind}.test"
+    _publish(lab, domain, f"v=TLSRPTv1; rua=mailto:tlsrpt@{RUA_DOMAIN},{ep.url(domain)}")
+    state = tmp_path / "state"
+    _sessions(state, _rec(domain))
+    cfg = parse_config(_config(lab, state))
+
+    class Crash(Exception):
+        pass
+
+    def hook(point, day, dom, rua):
+        if point == crash_at and rua.startswith(rua_kind):
+            raise Crash(point)
+
+    with pytest.raises(Crash):
+        TlsRptSender(cfg, now=NOW, hook=hook).run()
+    out = TlsRptSender(cfg, now=NOW + dt.timedelta(minutes=1)).run()
+    again = TlsRptSender(cfg, now=NOW + dt.timedelta(hours=6)).run()
+    assert [o for o in again if o.result not in ("pending",)] == []
+    posts = ep.bodies(domain)
+    mails = wait_until(lambda: _mails(lab, domain), 30, lab["local"].log_tail)
+    states = {k.rsplit("|", 1)[1].split(":")[0]: e["state"]
+              for k, e in _state(state)["deliveries"].items()}
+    if crash_at == "claimed":
+        # nothing had left: the next run sends it, with the same report-id
+        assert states == {"mailto": "sent", "https": "sent"}, out
+        assert len(posts) == 1 and len(mails) == 1
+    elif crash_at == "committing":
+        # the receiver saw an incomplete request; whether it took it is unknowable: not resent
+        assert states[rua_kind] == "unknown" and len(posts) == 0 and len(mails) == 1
+    else:  # delivered, not yet recorded: the receiver has it; not resent
+        assert states[rua_kind] == "unknown" and len(posts) == 1 and len(mails) == 1
+    ids = {json.loads(gzip.decompress(b))["report-id"] for b in posts}
+    ids |= {m["Subject"].split("<")[1].rstrip(">").strip() for m in mails}
+    assert len(ids) == 1                                       # one report, one report-id
+
+
+# -- configuration and errors -----------------------------------------------------------------
+@pytest.mark.parametrize("missing", ["organization", "contact"])
+def test_missing_required_key_exits_2_naming_it(tmp_path, missing):
+    text = ('[outbound]\nstate_dir = "%s"\n[tlsrpt]\norganization = "O"\n'
+            'contact = "tlsrpt@contoso.test"\n' % (tmp_path / "s"))
+    text = "\n".join(line for line in text.splitlines() if not line.startswith(missing))
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(text)
+    r = _cli(cfg)
+    assert r.returncode == 2
+    assert f"tlsrpt.{missing}" in r.stderr
+    with pytest.raises(SendError, match=f"tlsrpt.{missing}"):
+        TlsRptSender(parse_config(text))
+
+
+def test_unfinished_day_and_bad_state_are_refused(tmp_path):
+    state = tmp_path / "s"
+    text = (f'[outbound]\nstate_dir = "{state}"\n'
+            '[tlsrpt]\norganization = "O"\ncontact = "r@c.test"\n')
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(text)
+    r = _cli(cfg, "--date", dt.datetime.now(UTC).date().isoformat())
+    assert r.returncode == 2 and "not finished" in r.stderr
+    state.mkdir()
+    (state / STATE_FILE).write_text("{torn")
+    r = _cli(cfg)
+    assert r.returncode == 2 and "unreadable send state" in r.stderr
+    assert (state / STATE_FILE).read_text() == "{torn"          # never overwritten
+
+
+def test_collector_exports_the_file_on_metrics(tmp_path):
+    from milterd.core.metrics import Metrics, MetricsServer
+    from milterd.lab.metrics import scrape
+
+    m = Metrics()
+    m.registry.register(TlsRptFileCollector(tmp_path))
+    srv = MetricsServer(m, "127.0.0.1", 0)
+    srv.start()
+    try:
+        assert not any(k.startswith("milterd_tlsrpt_") for k in scrape(srv.port))
+        (tmp_path / METRICS_FILE).write_text(
+            "# TYPE milterd_tlsrpt_reports_total counter\n"
+            'milterd_tlsrpt_reports_total{domain="fabrikam.test",result="sent"} 3\n'
+            "# TYPE milterd_tlsrpt_pending_deliveries gauge\n"
+            "milterd_tlsrpt_pending_deliveries 1\n"
+            "# TYPE other_metric gauge\nother_metric 1\n")
+        got = scrape(srv.port)
+        assert got['milterd_tlsrpt_reports_total{domain="fabrikam.test",result="sent"}'] == 3
+        assert got["milterd_tlsrpt_pending_deliveries"] == 1
+        assert "other_metric" not in got
+        (tmp_path / METRICS_FILE).write_text("garbage{{{\n")
+        assert "milterd_messages_total{verdict=\"accept\"}" in scrape(srv.port)
+    finally:
+        srv.stop()
+
+
+def test_legacy_and_build_forms(tmp_path, capsys):
+    import argparse
+
+    from milterd.outbound.tlsrpt_cli import register
+
+    parser = argparse.ArgumentParser(prog="milterd")
+    register(parser.add_subparsers(dest="cmd", required=True))
+    sessions = tmp_path / "s.jsonl"
+    sessions.write_text(json.dumps(_rec("fabrikam.test")) + "\n")
+    base = ["--sessions", str(sessions), "--date", DAY.isoformat(), "--org", "O",
+            "--contact", "c@contoso.test"]
+    for argv in (["tlsrpt", *base], ["tlsrpt", "build", *base]):
+        args = parser.parse_args(argv)
+        assert args.func(args) == 0
+        rep = json.loads(capsys.readouterr().out)
+        assert rep["policies"][0]["summary"]["total-successful-session-count"] == 1
+    args = parser.parse_args(["tlsrpt"])
+    assert args.func(args) == 2 and "send, build" in capsys.readouterr().err
+
+
+# -- the systemd units ------------------------------------------------------------------------
+def _units(text: str) -> dict[str, dict[str, str]]:
+    cp = configparser.ConfigParser(strict=False, interpolation=None, delimiters=("=",))
+    cp.optionxform = str  # type: ignore[assignment]
+    cp.read_string(text)
+    return {s: dict(cp[s]) for s in cp.sections()}
+
+
+def test_systemd_units_verify(tmp_path):
+    tool = shutil.which("systemd-analyze")
+    assert tool, "systemd-analyze not found: apt-get install systemd"
+    service = (REPO / "contrib/systemd/milterd-tlsrpt.service").read_text()
+    timer = (REPO / "contrib/systemd/milterd-tlsrpt.timer").read_text()
+    exe = Path(sys.executable).parent / "milterd"
+    assert exe.exists() and os.access(exe, os.X_OK)
+    (tmp_path / "milterd-tlsrpt.service").write_text(
+        service.replace("ExecStart=/opt/milterd/bin/milterd ", f"ExecStart={exe} "))
+    (tmp_path / "milterd-tlsrpt.timer").write_text(timer)
+    r = subprocess.run([tool, "verify", "milterd-tlsrpt.timer", "milterd-tlsrpt.service"],
+                       capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    out = (r.stdout + r.stderr).strip()
+    assert r.returncode == 0, out
+    assert not [line for line in out.splitlines() if "milterd-tlsrpt" in line], out
+
+    svc = _units(service)["Service"]
+    assert svc["Type"] == "oneshot" and svc["User"] == "milterd"
+    assert svc["ExecStart"] == "/opt/milterd/bin/milterd tlsrpt send -c /etc/milterd/milterd.toml"
+    assert svc["StateDirectory"] == "milterd"          # [outbound] state_dir of milterd.service
+    main = _units((REPO / "contrib/systemd/milterd.service").read_text())["Service"]
+    assert main["User"] == svc["User"] and main["StateDirectory"] == svc["StateDirectory"]
+    assert main["ExecStart"].split()[0] == svc["ExecStart"].split()[0]
+    tm = _units(timer)["Timer"]
+    assert tm["Persistent"] == "true" and tm["RandomizedDelaySec"]
+    assert tm["Unit"] == "milterd-tlsrpt.service"
+    # the first run of a day is shortly after 00:00 UTC
+    r = subprocess.run([tool, "calendar", "*-*-* 00:10:00 UTC"], capture_output=True, text=True)
+    assert r.returncode == 0
+    assert "OnCalendar=*-*-* 00:10:00 UTC" in timer
