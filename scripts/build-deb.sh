@@ -166,6 +166,10 @@ install -d "$stage/usr/bin" "$stage/etc/milterd" "$stage/lib/systemd/system" \
 ln -s "$PREFIX/bin/milterd" "$stage/usr/bin/milterd"
 install -m 0644 "$src/packaging/milterd.toml" "$stage/etc/milterd/milterd.toml"
 install -m 0644 "$src/contrib/systemd/milterd.service" "$stage/lib/systemd/system/milterd.service"
+# The TLS-RPT sender: installed, not enabled (it needs [tlsrpt] organization and contact first).
+for u in milterd-tlsrpt.service milterd-tlsrpt.timer; do
+  install -m 0644 "$src/contrib/systemd/$u" "$stage/lib/systemd/system/$u"
+done
 for d in postfix sendmail prometheus systemd; do
   cp -r "$src/contrib/$d" "$stage/usr/share/milterd/$d"
 done

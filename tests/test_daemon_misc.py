@@ -39,6 +39,30 @@ def test_certificate_expiry_gauge_and_reload(milterd_factory, partners):
     assert scrape(port)['milterd_config_reloads_total{result="ok"}'] == 1.0
 
 
+def test_tlsrpt_send_outcomes_are_exported_and_follow_the_state_dir(milterd_factory, tmp_path):
+    """`milterd tlsrpt send` runs from a timer and leaves tlsrpt.prom in [outbound] state_dir;
+    the daemon's /metrics passes its milterd_tlsrpt_* families on, from the reloaded dir too."""
+    port = free_port()
+    first, second = tmp_path / "a", tmp_path / "b"
+    for d, n in ((first, 3), (second, 7)):
+        d.mkdir()
+        (d / "tlsrpt.prom").write_text(
+            "# TYPE milterd_tlsrpt_reports_total counter\n"
+            f'milterd_tlsrpt_reports_total{{domain="woodgrovebank.test",result="sent"}} {n}\n'
+            "# TYPE other_metric gauge\nother_metric 1\n")
+    m = milterd_factory(f'[metrics]\nlisten = "127.0.0.1:{port}"\n'
+                        f'[outbound]\nstate_dir = "{first}"\n')
+    key = 'milterd_tlsrpt_reports_total{domain="woodgrovebank.test",result="sent"}'
+    metrics = scrape(port)
+    assert metrics[key] == 3 and "other_metric" not in metrics
+    m.config_path.write_text(m.config_path.read_text().replace(str(first), str(second)))
+    m.signal(signal.SIGHUP)
+    wait_until(lambda: scrape(port).get(key) == 7, 15, "the reloaded state_dir's outcomes")
+    (second / "tlsrpt.prom").write_text("garbage {{{\n")
+    assert key not in scrape(port)   # a broken file exports nothing and breaks nothing
+    assert scrape(port)['milterd_config_reloads_total{result="ok"}'] == 1.0
+
+
 def test_metrics_bind_loopback_and_socket_is_0660(milterd_factory):
     import os
     import stat

@@ -140,6 +140,22 @@ class Daemon:
         gauge.clear()
         for path, subject, not_after in certificate_expiry(paths):
             gauge.labels(path=path, subject=subject).set(not_after)
+        self._export_tlsrpt_outcomes(config.outbound.state_dir)
+
+    def _export_tlsrpt_outcomes(self, state_dir: str | None) -> None:
+        """``milterd tlsrpt send`` runs from a timer, not in the daemon: it leaves its per-domain
+        outcome in ``<state_dir>/tlsrpt.prom``, which /metrics passes on (re-pointed on reload)."""
+        from milterd.outbound.tlsrpt_send import TlsRptFileCollector
+
+        old = getattr(self, "_tlsrpt_collector", None)
+        if old is not None and state_dir is not None and str(old.path.parent) == state_dir:
+            return
+        if old is not None:
+            self.app.metrics.registry.unregister(old)
+            self._tlsrpt_collector = None
+        if state_dir:
+            self._tlsrpt_collector = TlsRptFileCollector(state_dir)
+            self.app.metrics.registry.register(self._tlsrpt_collector)
 
     # -- reload ---------------------------------------------------------------------------------
     def reload(self) -> bool:
