@@ -132,6 +132,22 @@ class OutboundConfig:
 
 
 @dataclass(frozen=True)
+class StoreConfig:
+    """State shared by a fleet (:mod:`milterd.store`)."""
+
+    url: str = "sqlite:///var/lib/milterd/milterd.db"  # default: <[outbound] state_dir>/milterd.db
+    host: str = ""                  # this host's name in shared records (default: the hostname)
+    spool_dir: str | None = None    # local spool while the store is down (default: state_dir)
+    spool_max_mb: int = 256         # bound of that spool; beyond it the oldest is kept, new refused
+
+    @property
+    def host_name(self) -> str:
+        import socket
+
+        return self.host or socket.gethostname()
+
+
+@dataclass(frozen=True)
 class TlsRptConfig:
     """``milterd tlsrpt send``: who reports, and how reports leave this host (RFC 8460 §3, §5)."""
 
@@ -160,6 +176,7 @@ class Config:
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
     outbound: OutboundConfig = field(default_factory=OutboundConfig)
     tlsrpt: TlsRptConfig = field(default_factory=TlsRptConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
     # The effective terms of every partner (lists, [partners] tables and defaults merged):
     # :mod:`milterd.core.partners`.  Decisions read these, never the lists directly.
     partners: tuple[PartnerTerms, ...] = ()
@@ -298,11 +315,31 @@ def parse_config(text: str, *, source: str = "<string>") -> Config:
         source=source,
     )
     config = replace(config, partners=build_partners(
-        v, config.domain_security, config.tls, config.peer_cert))
+        v, config.domain_security, config.tls, config.peer_cert),
+        store=_store_config(v, config.outbound.state_dir))
     v.reject_unknown()
     if v.errors:
         raise ConfigError([f"{source}: {e}" for e in v.errors])
     return config
+
+
+def _store_config(v: "_Validator", state_dir: str | None) -> StoreConfig:
+    default_dir = state_dir or "/var/lib/milterd"
+    url = v.get("store.url", str, f"sqlite://{default_dir.rstrip('/')}/milterd.db")
+    if url.startswith("sqlite:///"):
+        path = url[len("sqlite://"):]
+        if not path.startswith("/") or path.endswith("/"):
+            v.errors.append(f"store.url: a sqlite store needs an absolute file path "
+                            f'("sqlite:///var/lib/milterd/milterd.db", got {url!r})')
+    elif url.startswith(("postgresql://", "postgres://")):
+        pass  # psycopg parses the rest (host, port, dbname, sslmode …) when it connects
+    else:
+        v.errors.append('store.url: must be "sqlite:///ABSOLUTE/PATH" or "postgresql://…"')
+    host = v.get("store.host", str, "", check=lambda x: None if re.fullmatch(
+        r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}", x) or x == "" else "is not a host name")
+    return StoreConfig(url=url, host=host,
+                       spool_dir=v.get("store.spool_dir", str, state_dir),
+                       spool_max_mb=v.get("store.spool_max_mb", int, 256, check=_positive))
 
 
 # -- validation helpers -------------------------------------------------------------------------
@@ -319,6 +356,7 @@ _KNOWN_KEYS = {
     "stamp": {"header"},
     "plugins": {"disable", "modules"},
     "outbound": {"maillog", "state_dir", "dns_servers", "mtasts_ca_file", "on_dns_error"},
+    "store": {"url", "host", "spool_dir", "spool_max_mb"},
     "tlsrpt": {"organization", "contact", "submitter", "smtp", "https_ca_file", "sending_ip"},
 }
 
