@@ -60,36 +60,71 @@ class SqlStore(Store):
     def _begin_migration(self, cur: Any) -> None:
         """Serialise concurrent migrations (several hosts starting at once)."""
 
+    def _table_exists(self, cur: Any, name: str) -> bool:
+        """Whether table ``name`` exists (default: SQLite's catalogue).  A read, never a
+        ``CREATE … IF NOT EXISTS``: concurrent creators of one table race on PostgreSQL."""
+        cur.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?",
+                    (name,))
+        return bool(cur.fetchone()[0])
+
+    def _lost_connection(self, exc: BaseException) -> bool:
+        """True if ``exc`` means the connection itself is gone (the server restarted while it
+        sat idle): the call is then retried once on a fresh connection."""
+        return False
+
+    def _secrets(self) -> tuple[str, ...]:
+        """Strings never to show in an error (the url's password)."""
+        return ()
+
+    def _mask(self, text: str) -> str:
+        for secret in self._secrets():
+            text = text.replace(secret, "***")
+        return text
+
     def _sql(self, statement: str) -> str:
-        return statement if self.placeholder == "?" else statement.replace("?", self.placeholder)
+        if self.placeholder == "?":
+            return statement
+        # pyformat drivers: a literal % must be doubled (no shared statement has a ? in a literal)
+        return statement.replace("%", "%%").replace("?", self.placeholder)
 
     # -- plumbing -------------------------------------------------------------------------------
     def _run(self, work: Callable[[Any], Any]) -> Any:
         """``work(cursor)`` in one transaction, committed; any driver error → StoreError (and a
-        fresh connection next time)."""
+        fresh connection next time).  A connection found dead before anything was committed
+        (the server restarted since the last call) is replaced and the call retried once: an
+        uncommitted transaction had no effect, so the retry cannot apply anything twice."""
         with self._lock:
-            try:
-                if self._conn is None:
-                    self._conn = self._connect()
-                cur = self._conn.cursor()
+            for attempt in (1, 2):
+                reused = self._conn is not None
+                committing = False
                 try:
-                    result = work(cur)
-                    self._conn.commit()
-                    return result
-                except BaseException:
+                    if self._conn is None:
+                        self._conn = self._connect()
+                    cur = self._conn.cursor()
                     try:
-                        self._conn.rollback()
-                    except Exception:  # noqa: BLE001 - the connection may be gone
-                        pass
-                    raise
-                finally:
-                    try:
-                        cur.close()
-                    except Exception:  # noqa: BLE001
-                        pass
-            except self._errors() as exc:
-                self._drop()
-                raise StoreError(f"{type(exc).__name__}: {exc}".strip()) from None
+                        result = work(cur)
+                        committing = True
+                        self._conn.commit()
+                        return result
+                    except BaseException:
+                        try:
+                            self._conn.rollback()
+                        except Exception:  # noqa: BLE001 - the connection may be gone
+                            pass
+                        raise
+                    finally:
+                        try:
+                            cur.close()
+                        except Exception:  # noqa: BLE001
+                            pass
+                except self._errors() as exc:
+                    retry = (attempt == 1 and reused and not committing
+                             and self._lost_connection(exc))
+                    self._drop()
+                    if retry:
+                        continue
+                    raise StoreError(self._mask(f"{type(exc).__name__}: {exc}".strip())) from None
+            raise AssertionError("unreachable")  # pragma: no cover
 
     def _drop(self) -> None:
         if self._conn is not None:
@@ -113,7 +148,8 @@ class SqlStore(Store):
     # -- schema ---------------------------------------------------------------------------------
     def schema_version(self) -> int:
         def work(cur: Any) -> int:
-            self._x(cur, "CREATE TABLE IF NOT EXISTS milterd_schema (version INTEGER NOT NULL)")
+            if not self._table_exists(cur, "milterd_schema"):
+                return 0
             row = self._x(cur, "SELECT max(version) FROM milterd_schema").fetchone()
             return int(row[0] or 0)
         return self._run(work)
@@ -142,16 +178,16 @@ class SqlStore(Store):
         def work(cur: Any) -> int:
             import time
 
-            new = 0
             now = time.time()
-            for r in records:
-                cur.execute(self._sql(
-                    "INSERT INTO records (kind, key, day, domain, host, data, created) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (kind, key) DO NOTHING"),
-                    (r.kind, r.key, r.day, r.domain, r.host,
-                     json.dumps(r.data, sort_keys=True, separators=(",", ":")), now))
-                new += max(cur.rowcount, 0)
-            return new
+            # One executemany (psycopg pipelines it: one round trip, not one per record); both
+            # drivers sum the rows each INSERT added, and a conflict (DO NOTHING) adds none.
+            cur.executemany(self._sql(
+                "INSERT INTO records (kind, key, day, domain, host, data, created) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (kind, key) DO NOTHING"),
+                [(r.kind, r.key, r.day, r.domain, r.host,
+                  json.dumps(r.data, sort_keys=True, separators=(",", ":")), now)
+                 for r in records])
+            return max(cur.rowcount, 0)
         return self._run(work)
 
     def records(self, kind: str, day_from: _dt.date | str, day_to: _dt.date | str | None = None,
