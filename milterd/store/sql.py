@@ -300,6 +300,18 @@ class SqlStore(Store):
         return [_observation(r) for r in self._run(lambda cur: self._x(cur, q, params).fetchall())]
 
     # -- housekeeping ---------------------------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        """Rows per table, and records per kind (``records[KIND]``), for ``milterd store status``."""
+        def work(cur: Any) -> dict[str, int]:
+            out: dict[str, int] = {}
+            for table in ("records", "cache", "jobs", "observations"):
+                out[table] = int(self._x(cur, f"SELECT count(*) FROM {table}").fetchone()[0])
+            for kind, n in self._x(cur, "SELECT kind, count(*) FROM records GROUP BY kind "
+                                   "ORDER BY kind").fetchall():
+                out[f"records[{kind}]"] = int(n)
+            return out
+        return self._run(work)
+
     def prune(self, before_day: _dt.date | str, now: float) -> int:
         def work(cur: Any) -> int:
             n = self._x(cur, "DELETE FROM records WHERE day < ?", (day_text(before_day),)).rowcount
