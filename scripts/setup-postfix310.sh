@@ -6,8 +6,9 @@
 #
 #   1. apt-get install the build dependencies that are missing (libdb5.3-dev; gcc/make/libssl-dev
 #      are expected);
-#   2. take the Postfix source: $POSTFIX_SRC (a tree or a .tar.gz), else the git mirror given by
-#      $POSTFIX_GIT (default: /work/.mirror/vdukhovni+postfix/repo) at tag $POSTFIX_TAG;
+#   2. take the Postfix source: $POSTFIX_SRC (a tree or a .tar.gz), else a git mirror given by
+#      $POSTFIX_GIT at tag $POSTFIX_TAG, else (the default, as in CI) Debian's upstream tarball
+#      postfix_3.10.13.orig.tar.gz from the Debian archive, checked against its pinned SHA-256;
 #   3. make makefiles (TLS, Berkeley DB, no PCRE/LDAP/SASL) && make;
 #   4. make non-interactive-package into <cache>/root (atomically: temp dir, then rename).
 #
@@ -24,7 +25,10 @@ log() { echo "setup-postfix310: $*" >&2; }
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd) || die "cannot locate the repository"
 cache=${POSTFIX310_CACHE:-$repo/.cache/postfix310}
 tag=${POSTFIX_TAG:-v3.10.13}
-git_dir=${POSTFIX_GIT:-/work/.mirror/vdukhovni+postfix/repo}
+git_dir=${POSTFIX_GIT:-}
+# Debian trixie's upstream tarball of 3.10.13 (Sources: postfix 3.10.13-0+deb13u1), pinned.
+orig_url=${POSTFIX_ORIG_URL:-http://deb.debian.org/debian/pool/main/p/postfix/postfix_3.10.13.orig.tar.gz}
+orig_sha256=de6526fb11bbf20fcfa5aa4b67e88cc6b246cad614a9bcb4b006f457ba3788bc
 root=$cache/root
 stamp=$root/.provisioned
 
@@ -56,10 +60,20 @@ rm -rf "$src" && mkdir -p "$src"
 if [ -n "${POSTFIX_SRC:-}" ]; then
   if [ -d "$POSTFIX_SRC" ]; then cp -a "$POSTFIX_SRC"/. "$src"/
   else tar -xzf "$POSTFIX_SRC" -C "$src" --strip-components=1; fi
-else
-  [ -d "$git_dir" ] || die "no Postfix source: set POSTFIX_SRC or POSTFIX_GIT (a git dir with tag $tag)"
+elif [ -n "$git_dir" ]; then
+  [ -d "$git_dir" ] || die "POSTFIX_GIT=$git_dir is not a git dir"
   git --git-dir="$git_dir" archive "$tag" postfix | tar -x -C "$src" --strip-components=1 \
     || die "cannot export $tag from $git_dir"
+else
+  tarball=$cache/$(basename "$orig_url")
+  if ! echo "$orig_sha256  $tarball" | sha256sum -c --status 2>/dev/null; then
+    log "downloading $orig_url"
+    curl -fsS --retry 3 -o "$tarball.part" "$orig_url" || die "cannot download $orig_url"
+    echo "$orig_sha256  $tarball.part" | sha256sum -c --status \
+      || die "$orig_url: SHA-256 mismatch (expected $orig_sha256)"
+    mv "$tarball.part" "$tarball"
+  fi
+  tar -xzf "$tarball" -C "$src" --strip-components=1 || die "cannot unpack $tarball"
 fi
 cd "$src"
 log "building Postfix ${tag} in $src"

@@ -7,4 +7,6 @@ cd "$here"
 bash scripts/setup.sh
 # Sendmail is provisioned by its own script when present (private root, no package conflict).
 if [ -f scripts/setup-sendmail.sh ]; then bash scripts/setup-sendmail.sh; fi
+# A private Postfix 3.10 (built once from Debian's pinned upstream tarball) for the TLSRPT answers.
+bash scripts/setup-postfix310.sh
 exec .venv/bin/python -m pytest "$@"
