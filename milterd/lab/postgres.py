@@ -262,49 +262,24 @@ class PostgresLab:
 
     def stop(self, mode: str = "fast", timeout: float = 30.0) -> None:
         """Stop the server by its PID: ``fast`` (SIGINT: sessions are ended, a clean shutdown),
-        ``immediate`` (SIGQUIT) or ``kill`` (SIGKILL to the postmaster: a crash).  Returns once
-        the postmaster is gone; escalates to SIGQUIT, then SIGKILL after ``timeout``."""
+        ``immediate`` (SIGQUIT: no shutdown checkpoint; crash recovery at the next start) or
+        ``smart`` (SIGTERM: waits for sessions to end).  Returns once the postmaster is gone;
+        escalates to SIGQUIT, then SIGKILL, after ``timeout`` seconds each."""
         pid = self.pid
         if pid is None:
             return
-        sig = {"fast": signal.SIGINT, "immediate": signal.SIGQUIT, "smart": signal.SIGTERM,
-               "kill": signal.SIGKILL}[mode]
-        for s in (sig, signal.SIGQUIT, signal.SIGKILL):
+        first = {"fast": signal.SIGINT, "immediate": signal.SIGQUIT,
+                 "smart": signal.SIGTERM}[mode]
+        for sig in (first, signal.SIGQUIT, signal.SIGKILL):
             try:
-                os.kill(pid, s)
+                os.kill(pid, sig)
             except ProcessLookupError:
                 return
             try:
                 wait_until(lambda: not self._alive(pid), timeout, f"postmaster {pid} to exit")
-                break
+                return
             except AssertionError:
                 continue
-        if mode == "kill":
-            # Orphaned backends of a killed postmaster must go too before a restart.
-            self._kill_orphans()
-
-    def _kill_orphans(self) -> None:
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                st = os.stat(f"/proc/{entry}")
-                cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if st.st_uid == self._server_uid and b"postgres:" in cmd and \
-                    self._belongs(int(entry)):
-                try:
-                    os.kill(int(entry), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-
-    def _belongs(self, pid: int) -> bool:
-        """True if ``pid`` is a backend of this cluster (its cwd is our data directory)."""
-        try:
-            return os.readlink(f"/proc/{pid}/cwd") == str(self.data_dir)
-        except OSError:
-            return False
 
     def cleanup(self) -> None:
         """Stop the server and remove the cluster directory."""
