@@ -9,6 +9,7 @@ config.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 
@@ -79,13 +80,18 @@ def terms_for(partner: PartnerTerms | str, config: Config | None) -> PartnerTerm
 def in_networks(client_address: str | None, networks: tuple) -> bool:
     """Is the client (either view's spelling: ``IPv6:::1``, ``[::1]``, mapped IPv4) inside one of
     ``networks``?  An address that is missing or not an IP address is inside none (fail closed)."""
+    if not isinstance(client_address, str):
+        return False
+    ip = _client_ip(client_address)
+    return ip is not None and any(ip.version == n.version and ip in n for n in networks)
+
+
+@functools.lru_cache(maxsize=4096)  # pure; one client address per connection (bounded)
+def _client_ip(client_address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     from milterd.inbound.policy_views import normalize_address
 
     text = normalize_address(client_address)
-    if text is None:
-        return False
-    ip = ipaddress.ip_address(text)
-    return any(ip.version == n.version and ip in n for n in networks)
+    return None if text is None else ipaddress.ip_address(text)
 
 
 def evaluate(tls: TlsFacts, partner: PartnerTerms | str, config: Config | None = None, *,

@@ -155,6 +155,7 @@ def _under(labels: list[str], domain: list[str]) -> bool:
     return len(labels) >= len(domain) and labels[len(labels) - len(domain):] == domain
 
 
+@functools.lru_cache(maxsize=4096)  # pure; the same certificate name per connection (bounded)
 def name_covers_domain(presented: str, domain: str) -> bool:
     """Domain Security: is the presented name the partner ``domain`` or a host under it?
 
@@ -172,6 +173,7 @@ def name_covers_domain(presented: str, domain: str) -> bool:
     return pres is not None and _under(pres, dom)
 
 
+@functools.lru_cache(maxsize=4096)  # pure; the same certificate name per connection (bounded)
 def reference_matches(presented: str, reference: str) -> bool:
     """A partner's configured ``certificate_names`` entry: ``mx.hoster.test`` is matched by the
     presented identifier per RFC 9525 (:func:`name_matches`: exact, or a ``*.hoster.test``
