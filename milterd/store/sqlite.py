@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 from typing import Any
 
 from milterd.store.api import StoreError
@@ -28,8 +29,26 @@ class SqliteStore(SqlStore):
         if directory and not os.path.isdir(directory):
             raise StoreError(f"{directory}: no such directory for the store")
         if not os.path.exists(self.path):
-            fd = os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o640)
-            os.close(fd)
+            # Create it in WAL mode under a private name, then link it into place: switching a
+            # shared new file to WAL from several processes at once fails with "locked" at once.
+            tmp = f"{self.path}.new-{os.getpid()}-{threading.get_ident()}"
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o640))
+            try:
+                init = sqlite3.connect(tmp)
+                try:
+                    init.execute("PRAGMA journal_mode=WAL")
+                finally:
+                    init.close()
+                try:
+                    os.link(tmp, self.path)
+                except FileExistsError:
+                    pass
+            finally:
+                for p in (tmp, tmp + "-wal", tmp + "-shm"):
+                    try:
+                        os.unlink(p)
+                    except FileNotFoundError:
+                        pass
         conn = sqlite3.connect(self.path, timeout=5.0, check_same_thread=False,
                                isolation_level="DEFERRED")
         conn.execute("PRAGMA journal_mode=WAL")
