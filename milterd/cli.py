@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "postfix: a private Postfix in every TLS case (needs root)")
     p.set_defaults(func=_cmd_demo)
 
-    for module in ("milterd.certs.cli", "milterd.outbound.tlsrpt_cli", "milterd.store.cli"):
+    for module in ("milterd.certs.cli", "milterd.outbound.tlsrpt_cli", "milterd.store.cli",
+                   "milterd.doctor.cli"):
         try:
             mod = __import__(module, fromlist=["register"])
         except ImportError:
