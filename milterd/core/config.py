@@ -148,6 +148,19 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class WatchConfig:
+    """The partner certificate watch (#18): what inbound sessions presented, probes of send
+    partners' MX hosts."""
+
+    probe_interval: float = 3600.0   # seconds between probe rounds of the send partners; 0 = off
+    probe_timeout: float = 10.0      # one MX host: connect + EHLO + STARTTLS + handshake
+    probe_max_hosts: int = 5         # MX hosts probed per partner (lowest preference first)
+    probe_port: int = 25
+    probe_ca_file: str | None = None  # CA bundle for partner MX certificates (default: system)
+    probe_helo: str = ""             # EHLO name (default: the host name)
+
+
+@dataclass(frozen=True)
 class TlsRptConfig:
     """``milterd tlsrpt send``: who reports, and how reports leave this host (RFC 8460 §3, §5)."""
 
@@ -177,6 +190,7 @@ class Config:
     outbound: OutboundConfig = field(default_factory=OutboundConfig)
     tlsrpt: TlsRptConfig = field(default_factory=TlsRptConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    watch: WatchConfig = field(default_factory=WatchConfig)
     # The effective terms of every partner (lists, [partners] tables and defaults merged):
     # :mod:`milterd.core.partners`.  Decisions read these, never the lists directly.
     partners: tuple[PartnerTerms, ...] = ()
@@ -302,6 +316,18 @@ def parse_config(text: str, *, source: str = "<string>") -> Config:
             mtasts_ca_file=v.get("outbound.mtasts_ca_file", str, None),
             on_dns_error=v.choice("outbound.on_dns_error", ("temp", "notfound"), "temp"),
         ),
+        watch=WatchConfig(
+            probe_interval=float(v.get("watch.probe_interval", (int, float), 3600.0,
+                                       check=_non_negative)),
+            probe_timeout=float(v.get("watch.probe_timeout", (int, float), 10.0,
+                                      check=_positive)),
+            probe_max_hosts=v.get("watch.probe_max_hosts", int, 5, check=_positive),
+            probe_port=v.get("watch.probe_port", int, 25,
+                             check=lambda x: None if 0 < x < 65536 else "port out of range"),
+            probe_ca_file=v.get("watch.probe_ca_file", str, None),
+            probe_helo=v.get("watch.probe_helo", str, "", check=lambda x: None
+                             if x == "" or _host_name(x) else "is not a host name"),
+        ),
         tlsrpt=TlsRptConfig(
             organization=v.get("tlsrpt.organization", str, ""),
             contact=v.get("tlsrpt.contact", str, ""),
@@ -357,6 +383,8 @@ _KNOWN_KEYS = {
     "plugins": {"disable", "modules"},
     "outbound": {"maillog", "state_dir", "dns_servers", "mtasts_ca_file", "on_dns_error"},
     "store": {"url", "host", "spool_dir", "spool_max_mb"},
+    "watch": {"probe_interval", "probe_timeout", "probe_max_hosts", "probe_port",
+              "probe_ca_file", "probe_helo"},
     "tlsrpt": {"organization", "contact", "submitter", "smtp", "https_ca_file", "sending_ip"},
 }
 
