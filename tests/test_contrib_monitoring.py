@@ -1,6 +1,6 @@
 """The shipped monitoring contrib: promtool accepts the rules, the alerts fire (one host and a fleet
-of two), recording rules follow level:metric:operations, and every metric the rules and the
-dashboard use is one milterd really exports."""
+of two; the partner certificate watch on two), recording rules follow level:metric:operations, and
+every metric the rules and the dashboard use is one milterd really exports."""
 
 from __future__ import annotations
 
@@ -15,16 +15,34 @@ import pytest
 from milterd.core.metrics import Metrics
 
 CONTRIB = Path(__file__).resolve().parents[1] / "contrib" / "prometheus"
-RULE_FILES = ("milterd-rules.yml", "milterd-fleet-rules.yml")
+RULE_FILES = ("milterd-rules.yml", "milterd-fleet-rules.yml", "milterd-watch-rules.yml")
 
 # Metrics the rules and the dashboard already use, that milterd does not export yet: the store's
-# (issue #17 item 2, being added).  Remove a name from here once milterd exports it; a name that
-# ends up spelled differently must be changed in milterd-fleet-rules.yml, its test and the
-# dashboard.  test_pending_metrics reports (skip) which are still missing.
+# (issue #17 item 2) and the partner certificate watch's (issue #18 item 2), being added.  Remove a
+# name from here once milterd exports it; a name that ends up spelled differently must be changed
+# in the rule file that uses it, its test and the dashboard.  test_pending_metrics reports (skip)
+# which are still missing.
 PENDING_METRICS = frozenset({
     "milterd_store_up",                      # gauge 0/1: the store answered the last write/ping
     "milterd_store_spooled_records",         # gauge: records waiting in the local spool
     "milterd_store_write_errors_total",      # counter: failed writes to the store
+    # {partner, direction}, direction = inbound | outbound:
+    "milterd_partner_certificate_changes_total",                # counter: a certificate never seen
+    "milterd_partner_certificate_expiry_timestamp_seconds",     # gauge: notAfter of the newest one
+    "milterd_partner_certificate_last_seen_timestamp_seconds",  # gauge
+    "milterd_partner_certificate_pin_match",                    # gauge 1/0, pinned partners only
+    # {partner}:
+    "milterd_partner_probe_success",            # gauge 1/0: the last probe would pass the terms
+    "milterd_partner_probe_timestamp_seconds",  # gauge: when the last probe ran
+})
+# The partner certificate watch's metrics (issue #18): all of them on the dashboard's Partners row.
+PARTNER_METRICS = frozenset({
+    "milterd_partner_certificate_changes_total",
+    "milterd_partner_certificate_expiry_timestamp_seconds",
+    "milterd_partner_certificate_last_seen_timestamp_seconds",
+    "milterd_partner_certificate_pin_match",
+    "milterd_partner_probe_success",
+    "milterd_partner_probe_timestamp_seconds",
 })
 
 # name:label:... recording-rule names (two colons, no spaces): never a YAML key or a template.
@@ -44,7 +62,7 @@ def test_promtool_check_rules():
     assert r.stdout.count("SUCCESS") == len(RULE_FILES), r.stdout
 
 
-@pytest.mark.parametrize("test_file", ["milterd-rules.test.yml", "milterd-fleet-rules.test.yml"])
+@pytest.mark.parametrize("test_file", [f.replace(".yml", ".test.yml") for f in RULE_FILES])
 def test_promtool_rule_unit_tests(test_file):
     r = _promtool("test", "rules", test_file)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -66,8 +84,10 @@ def test_every_rule_file_is_loaded_and_tested():
         assert re.search(rf"^\s*-\s*{re.escape(name)}\s*$", test, re.M), name
 
 
-def test_fleet_rule_tests_use_two_instances():
-    text = (CONTRIB / "milterd-fleet-rules.test.yml").read_text()
+@pytest.mark.parametrize("test_file",
+                         ["milterd-fleet-rules.test.yml", "milterd-watch-rules.test.yml"])
+def test_fleet_rule_tests_use_two_instances(test_file):
+    text = (CONTRIB / test_file).read_text()
     assert set(re.findall(r'instance="([^"]+)"', text)) == {"mx1:9487", "mx2:9487"}
 
 
@@ -139,6 +159,28 @@ def test_rules_and_dashboard_use_only_real_metric_names():
         "domain:milterd_domain_secured_messages_sent:rate5m"}
 
 
+def test_partner_watch_alerts_and_dashboard_row():
+    """Issue #18: every partner metric is alerted on or shown, per partner, never per host."""
+    text = (CONTRIB / "milterd-watch-rules.yml").read_text()
+    alerts = set(re.findall(r"^\s*- alert: (\S+)", text, re.M))
+    assert alerts == {"PartnerCertificateChanged", "PartnerCertificatePinMismatch",
+                      "PartnerCertificateExpiringSoon", "PartnerCertificateExpired",
+                      "PartnerProbeWouldFail", "PartnerProbeStale"}
+    tests = (CONTRIB / "milterd-watch-rules.test.yml").read_text()
+    for alert in alerts:
+        assert re.search(rf"alertname: {alert}\n\s*exp_alerts:\n\s*- exp_labels", tests), alert
+        assert re.search(rf"alertname: {alert}\n\s*exp_alerts: \[\]", tests), alert
+    # Aggregated over hosts: an alert's labels are partner (and direction), never instance.
+    assert "instance }}" not in text and "by (instance" not in text
+    dashboard = json.loads((CONTRIB / "grafana-dashboard.json").read_text())
+    titles = [p["title"] for p in dashboard["panels"]]
+    row = next(i for i, p in enumerate(dashboard["panels"])
+               if p["type"] == "row" and p["title"].startswith("Partners"))
+    exprs = "\n".join(t["expr"] for p in dashboard["panels"][row + 1:]
+                      for t in p.get("targets", []))
+    assert set(re.findall(r"\b(milterd_partner_[a-z_]+)", exprs)) == PARTNER_METRICS, titles
+
+
 def test_rate_and_increase_only_on_counters():
     exported = _exported_names() | PENDING_METRICS
     text = _rules_text() + "\n" + "\n".join(_dashboard_exprs())
@@ -171,4 +213,5 @@ def test_recording_rule_names_follow_level_metric_operations():
 def test_pending_metrics():
     missing = sorted(PENDING_METRICS - _exported_names())
     if missing:
-        pytest.skip("used by the fleet rules, not exported by milterd yet: " + ", ".join(missing))
+        pytest.skip("used by the rules or the dashboard, not exported by milterd yet: "
+                    + ", ".join(missing))
