@@ -1,17 +1,26 @@
-"""``milterd tlsrpt send`` (#16 item 2): RFC 8460 reports delivered for real.
+"""``milterd tlsrpt send`` (#16 item 2, #17): RFC 8460 reports delivered for real, once per
+fleet.
 
 A real private Postfix on 127.0.0.1 is the local MTA; it relays mailto: reports to a second
 Postfix (127.0.73.1:25, the rua domain reports.fabrikam.test) whose mailbox is read back and parsed
 by parsedmarc's SMTP TLS report parser (an independent consumer).  https: reports go to a loopback
 HTTPS endpoint with a certificate from the test PKI.  TLSRPT records come from the loopback test
 DNS server.  Crashes are simulated by an exception raised from the sender's test hook between the
-state steps; clocks are passed in (no sleeps) to step through retry backoff.
+state steps, or by SIGKILL of a real ``tlsrpt send`` process; clocks are passed in (no sleeps) to
+step through retry backoff and claim leases.
+
+Session records are in the store, as each host's shipper writes them (kind "tlsrpt-session", key
+HOST:KEY, data with "host" and "sending_ip").  The fleet tests run against SQLite and a real
+PostgreSQL (a private cluster on loopback, :mod:`milterd.lab.postgres`; a PostgreSQL that cannot
+be started fails them, never skips), with two "hosts": two configs with their own [store] host,
+state_dir and sending_ip on one store url, run as two concurrent processes.
 """
 
 from __future__ import annotations
 
 import configparser
 import datetime as dt
+import itertools
 import gzip
 import json
 import os
@@ -30,8 +39,12 @@ from milterd.lab.postfix import PostfixLab
 from milterd.lab.smtp import make_message, send
 from milterd.lab.wait import wait_until
 from milterd.outbound import tlsrpt_send
-from milterd.outbound.tlsrpt_send import (METRICS_FILE, SESSIONS_FILE, STATE_FILE, SendError,
-                                          TlsRptFileCollector, TlsRptSender, parse_tlsrpt_record)
+from milterd.outbound.tlsrpt_send import (COUNTERS_FILE, EXIT_STORE_DOWN, LEASE,
+                                          LEGACY_STATE_FILE, METRICS_FILE, NS_DELIVERY, NS_REPORT,
+                                          SESSION_KIND, SUBMITTED_KIND, SendError,
+                                          StoreUnavailable, TlsRptFileCollector, TlsRptSender,
+                                          parse_tlsrpt_record)
+from milterd.store.api import Record, open_store
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,6 +94,8 @@ class ReportEndpoint:
         import ssl
 
         self.statuses: dict[str, list[int]] = {}
+        self.delay = threading.Event()          # set: answer at once; clear: hold each answer
+        self.delay.set()
         self.requests: list[tuple[str, dict[str, str], bytes]] = []
         outer = self
 
@@ -94,6 +109,7 @@ class ReportEndpoint:
                     self.close_connection = True
                     return
                 outer.requests.append((self.path, dict(self.headers), body))
+                outer.delay.wait(0.2)           # a slow receiver keeps two hosts' runs overlapping
                 queue = outer.statuses.get(self.path) or []
                 status = queue.pop(0) if queue else 200
                 self.send_response(status)
@@ -154,7 +170,71 @@ def _publish(lab, domain: str, *records: str) -> None:
     lab["dns"].add(f"_smtp._tls.{domain}", "TXT", [json.dumps(r) for r in records])
 
 
-def _config(lab, state: Path, smtp_port: int | None = None, extra: str = "") -> str:
+@pytest.fixture(scope="module")
+def pg_lab():
+    from milterd.lab.postgres import PostgresLab
+
+    lab = PostgresLab()
+    try:
+        lab.start()
+    except BaseException:
+        lab.cleanup()
+        raise
+    yield lab
+    lab.cleanup()
+
+
+_db_names = itertools.count()
+
+
+def _pg_database(lab) -> tuple[str, str]:
+    import psycopg
+    from psycopg import sql as pgsql
+
+    db = f"tlsrpt{os.getpid()}_{next(_db_names)}"
+    with psycopg.connect(lab.admin_url, autocommit=True) as conn:
+        conn.execute(pgsql.SQL("CREATE DATABASE {} OWNER milterd").format(pgsql.Identifier(db)))
+    return db, lab.url_with(database=db)
+
+
+def _pg_drop(lab, db: str) -> None:
+    import psycopg
+    from psycopg import sql as pgsql
+
+    if not lab.running:
+        lab.start()
+    with psycopg.connect(lab.admin_url, autocommit=True) as conn:
+        conn.execute(pgsql.SQL("DROP DATABASE {} WITH (FORCE)").format(pgsql.Identifier(db)))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path):
+    """One fleet store per test: a SQLite file (hosts on one machine) or a PostgreSQL database."""
+    if request.param == "sqlite":
+        (tmp_path / "shared").mkdir()
+        yield f"sqlite://{tmp_path}/shared/milterd.db"
+        return
+    lab = request.getfixturevalue("pg_lab")
+    db, url = _pg_database(lab)
+    yield url
+    _pg_drop(lab, db)
+
+
+@pytest.fixture
+def pg_url(request):
+    lab = request.getfixturevalue("pg_lab")
+    db, url = _pg_database(lab)
+    yield url
+    _pg_drop(lab, db)
+
+
+HOSTS = {"mx1": "192.0.2.25", "mx2": "198.51.100.26"}
+
+
+def _config(lab, state: Path, smtp_port: int | None = None, extra: str = "", *,
+            store: str | None = None, host: str = "mx1") -> str:
+    store_section = f'[store]\nurl = "{store}"\nhost = "{host}"\n' if store else (
+        f'[store]\nhost = "{host}"\n')
     return f"""
 [outbound]
 state_dir = "{state}"
@@ -164,20 +244,41 @@ organization = "Contoso Ltd"
 contact = "tlsrpt@contoso.test"
 smtp = "127.0.0.1:{smtp_port or lab['local'].port}"
 https_ca_file = "{lab['pki'].ca_path}"
-sending_ip = "192.0.2.25"
-{extra}"""
+sending_ip = "{HOSTS[host]}"
+{store_section}{extra}"""
 
 
-def _sessions(state: Path, *records: dict) -> None:
-    state.mkdir(parents=True, exist_ok=True)
-    with open(state / SESSIONS_FILE, "a") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
+def _default_url(state: Path) -> str:
+    """The store of a config without [store] url: <state_dir>/milterd.db."""
+    return f"sqlite://{state}/milterd.db"
+
+
+def _store(url: str):
+    s = open_store(url)
+    s.migrate()
+    return s
+
+
+def _sessions(url: str, *records: dict, host: str = "mx1") -> None:
+    """Records as host ``host``'s shipper writes them to the store."""
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite://"):]).parent.mkdir(parents=True, exist_ok=True)
+    s = _store(url)
+    try:
+        s.put_records([Record(SESSION_KIND, f"{host}:{r['key']}", r["ts"][:10],
+                              r["policy_domain"], host,
+                              dict(r, host=host, sending_ip=HOSTS[host])) for r in records])
+    finally:
+        s.close()
+
+
+_keys = itertools.count(1)
 
 
 def _rec(domain: str, *, day: dt.date = DAY, ok: bool = True, queue_id: str = "4AB12C3D4E",
-         hour: int = 10) -> dict:
+         hour: int = 10, key: str | None = None) -> dict:
     return {"ts": f"{day.isoformat()}T{hour:02d}:00:00Z", "queue_id": queue_id,
+            "key": key or f"{next(_keys)}:{queue_id}:{domain}",
             "policy_domain": domain, "policy_type": "no-policy-found", "policy_string": [],
             "mx_host": [], "receiving_mx_hostname": f"mx.{domain}", "receiving_ip": "192.0.2.7",
             "status": "sent" if ok else "deferred", "tls_level": "verified" if ok else "none",
@@ -206,8 +307,26 @@ def _rcpt_code(port: int, rcpt: str) -> int:
         return code
 
 
-def _state(state: Path) -> dict:
-    return json.loads((state / STATE_FILE).read_text())
+def _jobs(url: str, ns: str = NS_DELIVERY) -> dict[str, dict]:
+    s = open_store(url)
+    try:
+        return {k: j.state for k, j in s.jobs(ns).items()}
+    finally:
+        s.close()
+
+
+def _report_id(body: bytes) -> str:
+    return json.loads(gzip.decompress(body))["report-id"]
+
+
+def _mail_report_id(mail) -> str:
+    return " ".join(mail["Subject"].split()).split("Report-ID: <", 1)[1].rstrip(">")
+
+
+def _prom(state: Path) -> dict:
+    from milterd.lab.metrics import parse
+
+    return parse((state / METRICS_FILE).read_text())
 
 
 # -- end to end through the CLI ------------------------------------------------------------------
@@ -225,7 +344,8 @@ def test_send_mailto_through_postfix_and_https_then_nothing_twice(lab, tmp_path)
     _publish(lab, "ftponly.test", "v=TLSRPTv1; rua=ftp://ftp.ftponly.test/in")
     # nopolicy.test: NXDOMAIN
     state = tmp_path / "state"
-    _sessions(state, _rec("fabrikam.test"), _rec("fabrikam.test", queue_id="5BC"),
+    url = _default_url(state)               # no [store] url: the single-host default
+    _sessions(url, _rec("fabrikam.test"), _rec("fabrikam.test", queue_id="5BC"),
               _rec("fabrikam.test", ok=False, queue_id="6CD"),
               _rec("fabrikam.test", day=DAY - dt.timedelta(days=1)),     # an earlier day
               _rec("nopolicy.test"), _rec("tworecords.test"), _rec("ftponly.test"))
@@ -235,7 +355,8 @@ def test_send_mailto_through_postfix_and_https_then_nothing_twice(lab, tmp_path)
     # --dry-run: looks, builds, sends nothing, keeps no state
     r = _cli(cfg, "--dry-run", "--date", DAY.isoformat())
     assert r.returncode == 0, r.stderr
-    assert "would send" in r.stderr and not (state / STATE_FILE).exists()
+    assert "would send" in r.stderr and _jobs(url) == {} and _jobs(url, NS_REPORT) == {}
+    assert not (state / COUNTERS_FILE).exists()
     assert ep.bodies("fabrikam.test") == []
 
     r = _cli(cfg)
@@ -324,7 +445,10 @@ def test_send_mailto_through_postfix_and_https_then_nothing_twice(lab, tmp_path)
     from milterd.outbound.maillog_parser import MaillogParser
     from milterd.outbound.tlsrpt import session_record
 
-    submitted = set(_state(state)["submitted"])
+    s = open_store(url)
+    submitted = {r.data["queue_id"] for r in s.records(SUBMITTED_KIND, DAY, NOW.date() +
+                                                          dt.timedelta(days=3))}
+    s.close()
     assert len(submitted) == 2                    # the queue IDs of the two mailed reports
 
     def follower_records():
@@ -341,7 +465,7 @@ def test_send_mailto_through_postfix_and_https_then_nothing_twice(lab, tmp_path)
     assert others, "the canary's relay is a session like any other"
     for rec in recs:                    # as if they had all happened on the finished DAY
         rec["ts"] = f"{DAY.isoformat()}T12:00:00Z"
-    _sessions(state, *recs, _rec(RUA_DOMAIN, queue_id="CONTROL1"))
+    _sessions(url, *recs, _rec(RUA_DOMAIN, queue_id="CONTROL1"))
     _publish(lab, RUA_DOMAIN, f"v=TLSRPTv1; rua={ep.url(RUA_DOMAIN)}")
     r = _cli(cfg)
     assert r.returncode == 0, r.stderr
@@ -366,7 +490,7 @@ def test_retry_after_4xx_and_503_then_success(lab, tmp_path):
     local.reload()
     wait_until(lambda: _rcpt_code(local.port, busy) == 450, 30, "the 450 rule in force")
     state = tmp_path / "state"
-    _sessions(state, _rec("retry.test"))
+    _sessions(url := _default_url(state), _rec("retry.test"))
     cfg = parse_config(_config(lab, state))
     try:
         out = TlsRptSender(cfg, now=NOW).run()
@@ -374,7 +498,7 @@ def test_retry_after_4xx_and_503_then_success(lab, tmp_path):
             ("https", "retry"), ("mailto", "retry")], out
         assert any("450 4.2.0" in o.detail and "mailbox busy" in o.detail for o in out)
         assert any("HTTP 503" in o.detail for o in out)
-        entries = _state(state)["deliveries"]
+        entries = _jobs(url)
         assert {e["state"] for e in entries.values()} == {"retry"}
         first_ids = {e["report_id"] for e in entries.values()}
 
@@ -394,7 +518,7 @@ def test_retry_after_4xx_and_503_then_success(lab, tmp_path):
     assert sorted(o.result for o in out) == ["sent", "sent"], out
     bodies = ep.bodies("retry.test")
     assert len(bodies) == 2 and bodies[0] == bodies[1]        # the same report, same report-id
-    assert {e["report_id"] for e in _state(state)["deliveries"].values()} == first_ids
+    assert {e["report_id"] for e in _jobs(url).values()} == first_ids
     (mail,) = wait_until(lambda: _mails(lab, "retry.test"), 30, local.log_tail)
     assert first_ids == {json.loads(gzip.decompress(
         next(p for p in mail.walk() if p.get_content_type() == "application/tlsrpt+gzip")
@@ -408,7 +532,7 @@ def test_gives_up_after_the_bound(lab, tmp_path, caplog):
     _publish(lab, "down.test", f"v=TLSRPTv1; rua={ep.url('down.test')}")
     ep.statuses["/down.test"] = [503] * 50
     state = tmp_path / "state"
-    _sessions(state, _rec("down.test"))
+    _sessions(_default_url(state), _rec("down.test"))
     cfg = parse_config(_config(lab, state))
     t = NOW
     results = []
@@ -432,7 +556,7 @@ def test_crash_mid_run_never_sends_twice(lab, tmp_path, crash_at, rua_kind):
     domain = f"crash-{crash_at}-{rua_kind}.test"
     _publish(lab, domain, f"v=TLSRPTv1; rua=mailto:tlsrpt@{RUA_DOMAIN},{ep.url(domain)}")
     state = tmp_path / "state"
-    _sessions(state, _rec(domain))
+    _sessions(url := _default_url(state), _rec(domain))
     cfg = parse_config(_config(lab, state))
 
     class Crash(Exception):
@@ -444,13 +568,16 @@ def test_crash_mid_run_never_sends_twice(lab, tmp_path, crash_at, rua_kind):
 
     with pytest.raises(Crash):
         TlsRptSender(cfg, now=NOW, hook=hook).run()
-    out = TlsRptSender(cfg, now=NOW + dt.timedelta(minutes=1)).run()
+    # the crashed run's claims hold until their lease runs out: nobody touches the report
+    held = TlsRptSender(cfg, now=NOW + dt.timedelta(minutes=1)).run()
+    assert [o.result for o in held] == ["elsewhere"], held
+    out = TlsRptSender(cfg, now=NOW + dt.timedelta(seconds=LEASE + 60)).run()
     again = TlsRptSender(cfg, now=NOW + dt.timedelta(hours=6)).run()
     assert [o for o in again if o.result not in ("pending",)] == []
     posts = ep.bodies(domain)
     mails = wait_until(lambda: _mails(lab, domain), 30, lab["local"].log_tail)
     states = {k.rsplit("|", 1)[1].split(":")[0]: e["state"]
-              for k, e in _state(state)["deliveries"].items()}
+              for k, e in _jobs(url).items()}
     if crash_at == "claimed":
         # nothing had left: the next run sends it, with the same report-id
         assert states == {"mailto": "sent", "https": "sent"}, out
@@ -463,6 +590,300 @@ def test_crash_mid_run_never_sends_twice(lab, tmp_path, crash_at, rua_kind):
     ids = {json.loads(gzip.decompress(b))["report-id"] for b in posts}
     ids |= {m["Subject"].split("<")[1].rstrip(">").strip() for m in mails}
     assert len(ids) == 1                                       # one report, one report-id
+
+
+# -- the fleet: two hosts, one store ------------------------------------------------------------
+def _two_hosts(lab, tmp_path: Path, url: str) -> dict[str, Path]:
+    cfgs = {}
+    for host in HOSTS:
+        state = tmp_path / host
+        state.mkdir()
+        cfgs[host] = tmp_path / f"{host}.toml"
+        cfgs[host].write_text(_config(lab, state, store=url, host=host))
+    return cfgs
+
+
+@pytest.mark.postfix
+def test_two_hosts_one_report_per_domain_summed_and_sent_once(lab, tmp_path, store_url):
+    """Sessions of mx1 and mx2 give ONE report per policy domain with the sum of both hosts'
+    counts and each host's own sending-mta-ip; `tlsrpt send` run on both hosts at once (two
+    processes) sends each report once: one POST per https rua, one mail per mailto rua."""
+    ep = lab["endpoint"]
+    tag = "pg" if store_url.startswith("postgresql") else "lite"
+    domains = [f"fleet{i}-{tag}.test" for i in range(8)]
+    mailed = f"fleetmail-{tag}.test"
+    for d in domains:
+        _publish(lab, d, f"v=TLSRPTv1; rua={ep.url(d)}")
+    _publish(lab, mailed, f"v=TLSRPTv1; rua=mailto:tlsrpt@{RUA_DOMAIN},{ep.url(mailed)}")
+    expected = {}
+    for i, d in enumerate([*domains, mailed]):
+        ok1, fail1, ok2, fail2 = 1 + i, i % 3, 2 * i + 1, 1 + i % 2
+        # the same follower keys (and queue IDs) on both hosts are different sessions
+        for host, ok, fail in (("mx1", ok1, fail1), ("mx2", ok2, fail2)):
+            _sessions(store_url,
+                      *[_rec(d, queue_id=f"A{i}{n}", key=f"k{n}:{d}") for n in range(ok)],
+                      *[_rec(d, ok=False, queue_id=f"B{i}{n}", key=f"f{n}:{d}")
+                        for n in range(fail)], host=host)
+        expected[d] = (ok1 + ok2, fail1 + fail2, {HOSTS["mx1"]: fail1, HOSTS["mx2"]: fail2})
+    cfgs = _two_hosts(lab, tmp_path, store_url)
+
+    ep.delay.clear()                       # a slow receiver: the two runs overlap
+    try:
+        procs = {h: subprocess.Popen([sys.executable, "-m", "milterd", "tlsrpt", "send", "-c",
+                                      str(c)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True) for h, c in cfgs.items()}
+        results = {h: (p.wait(120), p.stderr.read()) for h, p in procs.items()}
+    finally:
+        ep.delay.set()
+    for h, (rc, err) in results.items():
+        assert rc == 0, (h, err)
+
+    for d in [*domains, mailed]:
+        (body,) = ep.bodies(d)                                   # once, not once per host
+        (pol,) = json.loads(gzip.decompress(body))["policies"]
+        ok, fail, per_ip = expected[d]
+        assert pol["summary"] == {"total-successful-session-count": ok,
+                                  "total-failure-session-count": fail}, d
+        got = {}
+        for det in pol.get("failure-details", []):
+            got[det["sending-mta-ip"]] = got.get(det["sending-mta-ip"], 0) + \
+                det["failed-session-count"]
+        assert got == {ip: n for ip, n in per_ip.items() if n}, d
+    assert set(expected[domains[1]][2]) == set(HOSTS.values())
+    (mail,) = wait_until(lambda: _mails(lab, mailed), 30, lab["local"].log_tail)
+    assert _mail_report_id(mail) == _report_id(ep.bodies(mailed)[0])   # one report, both ruas
+
+    # each host counts what it did: the fleet's sum is exactly the deliveries
+    sent = {h: sum(v for k, v in _prom(tmp_path / h).items()
+                   if k.startswith("milterd_tlsrpt_reports_total") and 'result="sent"' in k
+                   and "fleet" in k) for h in HOSTS}
+    assert sum(sent.values()) == len(domains) + 2, (sent, results)
+    logs = "".join(err for _, err in results.values())
+    assert logs.count(": sent (report-id") == len(domains) + 2, logs
+
+    # again on both hosts: nothing left to do; the local MTA got no second report
+    for h, c in cfgs.items():
+        r = _cli(c)
+        assert r.returncode == 0 and ": sent" not in r.stderr, r.stderr
+    assert all(len(ep.bodies(d)) == 1 for d in [*domains, mailed])
+    assert send(lab["local"].port, "canary@contoso.test", [f"tlsrpt@{RUA_DOMAIN}"],
+                make_message("canary@contoso.test", f"tlsrpt@{RUA_DOMAIN}",
+                             f"canary {tag}")).accepted
+    wait_until(lambda: any(m["Subject"] == f"canary {tag}" for m in lab["receiver"].delivered()),
+               30)
+    assert len(_mails(lab, mailed)) == 1
+
+
+_KILLER = """
+import datetime as dt, os, signal, sys
+from milterd.core.config import load_config
+from milterd.outbound.tlsrpt_send import TlsRptSender
+
+def hook(point, day, domain, rua):
+    if point == sys.argv[2]:
+        os.kill(os.getpid(), signal.SIGKILL)          # the host dies right here
+
+TlsRptSender(load_config(sys.argv[1]), now=dt.datetime.fromisoformat(sys.argv[3]),
+             hook=hook).run()
+"""
+
+
+@pytest.mark.parametrize("point", ["claimed", "committing"])
+@pytest.mark.postfix
+def test_host_killed_mid_delivery_the_other_host_takes_over(lab, tmp_path, store_url, point):
+    """mx1's `tlsrpt send` is killed (SIGKILL) holding the claim: mx2 leaves the report alone
+    while the lease runs, then sends it with the report-id mx1 built (killed before the transfer
+    completed), or never (killed while completing it: at most once)."""
+    ep = lab["endpoint"]
+    tag = "pg" if store_url.startswith("postgresql") else "lite"
+    domain = f"killed-{point}-{tag}.test"
+    _publish(lab, domain, f"v=TLSRPTv1; rua={ep.url(domain)}")
+    _sessions(store_url, _rec(domain), host="mx1")
+    _sessions(store_url, _rec(domain, ok=False), host="mx2")
+    cfgs = _two_hosts(lab, tmp_path, store_url)
+    r = subprocess.run([sys.executable, "-c", _KILLER, str(cfgs["mx1"]), point,
+                        NOW.isoformat()], capture_output=True, text=True, timeout=120)
+    assert r.returncode == -9, r.stderr
+    assert ep.bodies(domain) == []            # nothing completed
+    (job,) = _jobs(store_url).values()
+    assert job["state"] == point and job["host"] == "mx1"
+    built = _jobs(store_url, NS_REPORT)[f"{DAY}|{domain}"]["report_id"]
+
+    mx2 = parse_config(cfgs["mx2"].read_text())
+    held = TlsRptSender(mx2, now=NOW + dt.timedelta(minutes=5)).run()
+    assert [o.result for o in held] == ["elsewhere"] and ep.bodies(domain) == []
+    out = TlsRptSender(mx2, now=NOW + dt.timedelta(seconds=LEASE + 60)).run()
+    (job,) = _jobs(store_url).values()
+    if point == "claimed":
+        assert [o.result for o in out] == ["sent"], out
+        (body,) = ep.bodies(domain)
+        assert _report_id(body) == built                      # the report mx1 had built
+        assert (job["state"], job["host"], job["attempts"]) == ("sent", "mx2", 2)
+        (pol,) = json.loads(gzip.decompress(body))["policies"]
+        assert pol["summary"]["total-successful-session-count"] == 1
+        assert pol["failure-details"][0]["sending-mta-ip"] == HOSTS["mx2"]
+        assert _prom(tmp_path / "mx2")[
+            f'milterd_tlsrpt_reports_total{{domain="{domain}",result="sent"}}'] == 1
+    else:
+        assert [o.result for o in out] == ["unknown"], out
+        assert ep.bodies(domain) == [] and job["state"] == "unknown"
+    # and nothing more, by either host, ever
+    for host in HOSTS:
+        cfg = parse_config(cfgs[host].read_text())
+        assert TlsRptSender(cfg, now=NOW + dt.timedelta(hours=7)).run() == []
+    assert len(ep.bodies(domain)) == (1 if point == "claimed" else 0)
+
+
+@pytest.mark.postfix
+def test_postgresql_down_exits_75_and_sends_nothing(lab, tmp_path, pg_lab, pg_url):
+    """PostgreSQL stopped: `tlsrpt send` says so (no password), exits 75 and sends nothing;
+    stopped between the claim and the completing byte: the transfer is not completed, and once
+    PostgreSQL is back (and the lease has run out) the report goes out once."""
+    ep = lab["endpoint"]
+    domains = ["pgdown.test", "pgmid.test"]
+    for d in domains:
+        _publish(lab, d, f"v=TLSRPTv1; rua={ep.url(d)}")
+    _sessions(pg_url, _rec("pgdown.test"), host="mx1")
+    cfgs = _two_hosts(lab, tmp_path, pg_url)
+    pg_lab.stop()
+    try:
+        r = _cli(cfgs["mx1"])
+        assert r.returncode == EXIT_STORE_DOWN, r.stderr
+        assert "unavailable" in r.stderr and "next run" in r.stderr, r.stderr
+        assert pg_lab.password not in r.stderr + r.stdout
+        assert ep.bodies("pgdown.test") == []
+    finally:
+        pg_lab.start()
+    r = _cli(cfgs["mx1"])
+    assert r.returncode == 0, r.stderr
+    assert len(ep.bodies("pgdown.test")) == 1
+
+    _sessions(pg_url, _rec("pgmid.test"), host="mx2")
+    cfg = parse_config(cfgs["mx2"].read_text())
+
+    def hook(point, day, domain, rua):
+        if point == "claimed":
+            pg_lab.stop()
+
+    try:
+        with pytest.raises(StoreUnavailable):
+            TlsRptSender(cfg, now=NOW, hook=hook).run()
+    finally:
+        pg_lab.start()
+    assert ep.bodies("pgmid.test") == []         # incomplete body: the receiver discarded it
+    assert [o.result for o in TlsRptSender(cfg, now=NOW + dt.timedelta(minutes=1)).run()] == [
+        "elsewhere"]
+    out = TlsRptSender(cfg, now=NOW + dt.timedelta(seconds=LEASE + 60)).run()
+    assert [o.result for o in out] == ["sent"]
+    assert len(ep.bodies("pgmid.test")) == 1
+
+
+@pytest.mark.postfix
+def test_previous_versions_state_is_imported_not_resent(lab, tmp_path):
+    """The file-based version's tlsrpt-send.json: what it sent stays sent, its pending retry is
+    sent with its stored report and report-id, its counters go on; the file is renamed."""
+    ep = lab["endpoint"]
+    state = tmp_path / "state"
+    (state / "tlsrpt-reports").mkdir(parents=True)
+    url = _default_url(state)
+    report = {"report-id": "old.retry@contoso.test", "policies": []}
+    gz = gzip.compress(json.dumps(report).encode())
+    (state / "tlsrpt-reports" / "r.json.gz").write_bytes(gz)
+    for d in ("imported-sent.test", "imported-retry.test"):
+        _publish(lab, d, f"v=TLSRPTv1; rua={ep.url(d)}")
+        _sessions(url, _rec(d))
+    rua_sent, rua_retry = ep.url("imported-sent.test"), ep.url("imported-retry.test")
+    (state / LEGACY_STATE_FILE).write_text(json.dumps({
+        "version": 1,
+        "reports": {f"{DAY}|imported-sent.test": {"state": "done", "report_id": "old.sent",
+                                                  "file": "gone.json.gz", "ruas": [rua_sent]},
+                    f"{DAY}|imported-retry.test": {"state": "pending",
+                                                   "report_id": "old.retry@contoso.test",
+                                                   "file": "r.json.gz", "ruas": [rua_retry]}},
+        "deliveries": {f"{DAY}|imported-sent.test|{rua_sent}": {"state": "sent",
+                                                                "report_id": "old.sent"},
+                       f"{DAY}|imported-retry.test|{rua_retry}": {
+                           "state": "retry", "report_id": "old.retry@contoso.test",
+                           "attempts": 1, "first_attempt": tlsrpt_send._iso(NOW),
+                           "next_attempt": tlsrpt_send._iso(NOW)}},
+        "submitted": {"9QUEUE9": tlsrpt_send._iso(NOW)},
+        "counters": {"imported-sent.test|sent": 5}, "domain_labels": ["imported-sent.test"]}))
+    cfg = parse_config(_config(lab, state))
+    out = TlsRptSender(cfg, now=NOW + dt.timedelta(minutes=30)).run()
+    assert [(o.domain, o.result) for o in out] == [("imported-retry.test", "sent")], out
+    assert ep.bodies("imported-sent.test") == []
+    assert ep.bodies("imported-retry.test") == [gz]          # the stored report, byte for byte
+    assert not (state / LEGACY_STATE_FILE).exists()
+    assert (state / (LEGACY_STATE_FILE + ".imported")).exists()
+    s = open_store(url)
+    assert [r.data["queue_id"] for r in s.records(SUBMITTED_KIND, DAY, NOW.date())] == [
+        "9QUEUE9"]
+    s.close()
+    prom = _prom(state)
+    assert prom['milterd_tlsrpt_reports_total{domain="imported-sent.test",result="sent"}'] == 5
+    assert prom['milterd_tlsrpt_reports_total{domain="imported-retry.test",result="sent"}'] == 1
+    assert TlsRptSender(cfg, now=NOW + dt.timedelta(hours=2)).run() == []
+
+
+@pytest.mark.postfix
+def test_a_stale_view_is_checked_again_after_the_claim(lab, tmp_path, store_url):
+    """mx2 lists the day's jobs, then — while it holds its first domain — mx1 runs to the end
+    and releases the others as sent; mx2 then claims them (free again) and must see them done
+    from the claim, not resend them from its stale list."""
+    ep = lab["endpoint"]
+    tag = "pg" if store_url.startswith("postgresql") else "lite"
+    domains = [f"stale{i}-{tag}.test" for i in range(3)]
+    for d in domains:
+        _publish(lab, d, f"v=TLSRPTv1; rua={ep.url(d)}")
+        _sessions(store_url, _rec(d), host="mx1")
+        _sessions(store_url, _rec(d, ok=False), host="mx2")
+    cfgs = _two_hosts(lab, tmp_path, store_url)
+    mx1 = TlsRptSender(parse_config(cfgs["mx1"].read_text()), now=NOW)
+    mx2 = TlsRptSender(parse_config(cfgs["mx2"].read_text()), now=NOW)
+    real = mx2._dns()
+    first: list = []
+
+    class Interleaving:
+        async def txt(self, name):
+            if not first:                  # mx2 holds domains[0] and has listed the day
+                t = threading.Thread(target=lambda: first.append(mx1.run()))
+                t.start()
+                t.join(60)
+            return await real.txt(name)
+
+    mx2.dns = Interleaving()
+    out2 = mx2.run()
+    (out1,) = first
+    assert [(o.domain, o.result) for o in out1] == [
+        (domains[0], "elsewhere"), (domains[1], "sent"), (domains[2], "sent")], out1
+    assert [(o.domain, o.result) for o in out2] == [(domains[0], "sent")], out2
+    assert [len(ep.bodies(d)) for d in domains] == [1, 1, 1]
+
+
+@pytest.mark.postfix
+def test_a_slow_host_that_lost_its_claim_does_not_complete(lab, tmp_path, store_url):
+    """mx1 stalls after claiming past its lease; mx2 takes the delivery over and sends it; mx1
+    wakes, cannot save 'committing' (the job is mx2's) and stops before the completing byte."""
+    ep = lab["endpoint"]
+    tag = "pg" if store_url.startswith("postgresql") else "lite"
+    domain = f"slow-{tag}.test"
+    _publish(lab, domain, f"v=TLSRPTv1; rua={ep.url(domain)}")
+    _sessions(store_url, _rec(domain), host="mx1")
+    cfgs = _two_hosts(lab, tmp_path, store_url)
+    mx2 = parse_config(cfgs["mx2"].read_text())
+    late: list = []
+
+    def stall(point, day, dom, rua):
+        if point == "claimed":             # mx1 "stalls" here while mx2 runs after the lease
+            late.append(TlsRptSender(mx2, now=NOW + dt.timedelta(seconds=LEASE + 60)).run())
+
+    out1 = TlsRptSender(parse_config(cfgs["mx1"].read_text()), now=NOW, hook=stall).run()
+    assert [o.result for o in late[0]] == ["sent"], late
+    assert [o.result for o in out1] == ["elsewhere"], out1
+    (body,) = ep.bodies(domain)
+    assert _report_id(body) == _jobs(store_url, NS_REPORT)[f"{DAY}|{domain}"]["report_id"]
+    (job,) = _jobs(store_url).values()
+    assert (job["state"], job["host"]) == ("sent", "mx2")
 
 
 # -- configuration and errors -----------------------------------------------------------------
@@ -489,10 +910,10 @@ def test_unfinished_day_and_bad_state_are_refused(tmp_path):
     r = _cli(cfg, "--date", dt.datetime.now(UTC).date().isoformat())
     assert r.returncode == 2 and "not finished" in r.stderr
     state.mkdir()
-    (state / STATE_FILE).write_text("{torn")
+    (state / LEGACY_STATE_FILE).write_text("{torn")
     r = _cli(cfg)
     assert r.returncode == 2 and "unreadable send state" in r.stderr
-    assert (state / STATE_FILE).read_text() == "{torn"          # never overwritten
+    assert (state / LEGACY_STATE_FILE).read_text() == "{torn"   # never overwritten
 
 
 def test_collector_exports_the_file_on_metrics(tmp_path):

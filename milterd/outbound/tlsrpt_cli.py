@@ -51,8 +51,12 @@ def register(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParse
                     "7 (or --date) and each policy domain with recorded sessions that publishes "
                     "a TLSRPT record, send the day's report to every rua (mailto: through the "
                     "local MTA, https: by POST). Each (day, domain, rua) is sent once; "
-                    "temporary failures are retried by later runs. State, stored reports and "
-                    "tlsrpt.prom live in [outbound] state_dir.")
+                    "temporary failures are retried by later runs. Sessions of every host and "
+                    "the sending state are in the store ([store] url): every host of a fleet "
+                    "may run this, each report is still sent once. This host's counters and "
+                    "tlsrpt.prom live in [outbound] state_dir. Exit 0: done; 1: a delivery was "
+                    "given up; 2: configuration error; 75: the store is unavailable (nothing "
+                    "was sent past that point; the next run continues).")
     s.add_argument("-c", "--config", default="/etc/milterd/milterd.toml",
                    help="TOML config file (default: %(default)s)")
     s.add_argument("--date", dest="send_date", metavar="YYYY-MM-DD",
@@ -82,7 +86,8 @@ def run_send(args: argparse.Namespace) -> int:
     import logging
 
     from milterd.core.config import ConfigError, load_config
-    from milterd.outbound.tlsrpt_send import SendError, TlsRptSender
+    from milterd.outbound.tlsrpt_send import (EXIT_STORE_DOWN, SendError, StoreUnavailable,
+                                              TlsRptSender)
 
     try:
         config = load_config(args.config)
@@ -112,6 +117,9 @@ def run_send(args: argparse.Namespace) -> int:
     try:
         sender = TlsRptSender(config, dry_run=args.dry_run)
         outcomes = sender.run(day)
+    except StoreUnavailable as exc:
+        print(f"milterd tlsrpt send: {exc}; the next run (timer) tries again", file=sys.stderr)
+        return EXIT_STORE_DOWN
     except SendError as exc:
         print(f"milterd tlsrpt send: {exc}", file=sys.stderr)
         return 2

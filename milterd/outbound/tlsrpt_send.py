@@ -1,11 +1,18 @@
-"""``milterd tlsrpt send``: deliver each policy domain its daily RFC 8460 report, exactly once.
+"""``milterd tlsrpt send``: deliver each policy domain its daily RFC 8460 report, exactly once,
+for the whole fleet.
+
+Every MX host runs this from the same timer.  The session records of *all* hosts are in the
+store (``[store] url``, kind ``"tlsrpt-session"``, shipped there by each host's daemon), so each
+policy domain gets **one** report a day whose counts are the sum of every host's sessions, with
+each host's own ``sending-mta-ip`` in the failure details.  Which host sends it is decided by
+claims in the store (a row with a lease, :meth:`milterd.store.api.Store.claim`), not by a file
+lock: whichever host claims first does the work, the others skip it.
 
 For every finished UTC day in the lookback window (:data:`LOOKBACK_DAYS`, or one ``--date``) and
-every policy domain with TLS sessions that day (``<[outbound] state_dir>/tlsrpt-sessions.jsonl``,
-written by the maillog follower), the TLSRPT record ``_smtp._tls.<domain>`` is looked up
-(RFC 8460 §3: exactly one record starting ``v=TLSRPTv1;``, syntactically valid, with a ``rua``;
-anything else means the domain does not take reports and gets none).  The domain's report
-(:func:`milterd.outbound.tlsrpt.build_report`) goes to every ``rua``:
+every policy domain with sessions that day, the TLSRPT record ``_smtp._tls.<domain>`` is looked
+up (RFC 8460 §3: exactly one record starting ``v=TLSRPTv1;``, syntactically valid, with a
+``rua``; anything else means the domain does not take reports and gets none).  The domain's
+report (:func:`milterd.outbound.tlsrpt.build_report`) goes to every ``rua``:
 
 - ``mailto:`` — RFC 8460 §5.3 mail (``multipart/report; report-type="tlsrpt"``, a text part, the
   ``application/tlsrpt+gzip`` part named per §5.1, ``TLS-Report-Domain`` / ``TLS-Report-Submitter``
@@ -14,44 +21,58 @@ anything else means the domain does not take reports and gets none).  The domain
 - ``https:`` — a POST of the gzip body as ``application/tlsrpt+gzip`` (CA bundle
   ``[tlsrpt] https_ca_file``, else the system's).
 
-State protocol (``<state_dir>/tlsrpt-send.json``, replaced atomically and fsynced at every step,
-one run at a time under ``tlsrpt-send.lock``):
+State protocol — store jobs (claim with a lease of :data:`LEASE` seconds, state saved with
+``job_put``, which succeeds only while this run still owns the job; the owner is
+``<[store] host>/<pid>/<random>``, one per run, so two runs on one host exclude each other too):
 
-- per (day, domain) ``reports`` entry: ``no_record`` (final), ``dns_retry`` (lookup failed
-  temporarily), or ``pending``/``done`` with the report-id and the stored report
-  (``tlsrpt-reports/<§5.1 file name>``): a retry sends the byte-identical report with the same
-  report-id, so a receiver can recognise a duplicate;
-- per (day, domain, rua) ``deliveries`` entry: ``claimed`` is written before the first byte goes
-  out, ``committing`` just before the byte that completes the transfer (SMTP's final ``.``, the
-  last byte of the HTTP body: until then the receiver holds an incomplete message it discards),
-  then ``sent``, ``retry`` (with ``next_attempt``) or ``gave_up``.  A run that finds ``claimed``
-  left by a crashed run retries (nothing can have been accepted); one that finds ``committing``
-  cannot know whether the receiver took it and never resends (``unknown``, logged): a report is
-  sent at most once per (day, domain, rua).
+- ns ``"tlsrpt-report"``, key ``DAY|DOMAIN``: ``no_record`` (final), ``dns_retry`` (lookup
+  failed temporarily, with ``next_attempt``), ``gave_up``, or ``pending``/``done`` with the
+  report-id, the ruas and the report itself (``gz``, base64): a retry — by any host — sends the
+  byte-identical report with the same report-id, so a receiver can recognise a duplicate;
+- ns ``"tlsrpt"``, key ``DAY|DOMAIN|RUA``: ``claimed`` is saved before the first byte goes out,
+  ``committing`` just before the byte that completes the transfer (SMTP's final ``.``, the last
+  byte of the HTTP body: until then the receiver holds an incomplete message it discards), then
+  ``sent``, ``retry`` (with ``next_attempt``) or ``gave_up``.  A host that finds ``claimed``
+  left by a run whose lease ran out (it died) sends again (nothing can have been accepted); one
+  that finds ``committing`` cannot know whether the receiver took it and never resends
+  (``unknown``, logged).  A run that lost its claim (its lease ran out and another host took
+  the job) finds out when saving ``committing`` and stops before the completing byte: a report
+  is sent at most once per (day, domain, rua), fleet-wide, whatever the clocks say.
 
 Temporary failures (SMTP 4xx, HTTP 408/425/429/5xx, connection/TLS/DNS errors) are retried with
-backoff (:data:`BACKOFF`) until :data:`GIVE_UP_AFTER` after the first attempt; permanent ones
-(SMTP 5xx, other HTTP statuses) give up at once.
+backoff (:data:`BACKOFF`) until :data:`GIVE_UP_AFTER` after the first attempt, by whichever host
+runs when the retry is due; permanent ones (SMTP 5xx, other HTTP statuses) give up at once.
+
+A store that cannot be reached stops the run (:class:`StoreUnavailable`, exit 75): nothing is
+sent without a saved claim, and the timer's next run tries again.
 
 Reporting loop: a report mailed to ``rua`` is itself an SMTP delivery that the follower records
 as a TLS session of the rua's domain.  The local MTA's reply to DATA names the queue ID
-(``250 2.0.0 Ok: queued as …``); the IDs are kept in the state (``submitted``) and sessions with
-those queue IDs are left out of every report — no report is ever about a report delivery.
+(``250 2.0.0 Ok: queued as …``); each is stored as a record of kind ``"tlsrpt-submitted"`` (key
+``HOST:QUEUEID``), and sessions of that host with those queue IDs are left out of every report,
+whichever host builds it — no report is ever about a report delivery.
 
 Outcomes: one log line per (day, domain, rua) — ``sent`` / ``retry later`` / ``gave up`` /
 ``no record`` — and ``<state_dir>/tlsrpt.prom`` (Prometheus text format, written atomically at the
-end of every run): ``milterd_tlsrpt_reports_total{domain,result}`` and run gauges.  The daemon
-exports that file on its ``/metrics`` through :class:`TlsRptFileCollector`; a node_exporter
-textfile collector can read the same file.  ``domain`` labels are bounded: configured send-list
-and partner domains, plus at most :data:`MAX_DOMAIN_LABELS` others, then ``other``.
+end of every run): ``milterd_tlsrpt_reports_total{domain,result}`` counts what *this host* did
+(so the sum over the fleet is what was sent), ``milterd_tlsrpt_pending_deliveries`` the retries
+this host attempted last.  The counters live in ``<state_dir>/tlsrpt-counters.json`` (this
+host's, nothing shared).  The daemon exports the .prom file on its ``/metrics`` through
+:class:`TlsRptFileCollector`; a node_exporter textfile collector can read the same file.
+``domain`` labels are bounded: configured send-list and partner domains, plus at most
+:data:`MAX_DOMAIN_LABELS` others, then ``other``.
+
+Upgrade: the state file of the file-based version (``<state_dir>/tlsrpt-send.json``, with its
+stored reports) is imported into the store by the first run (jobs that do not exist yet; its
+queue IDs; its counters), then renamed ``tlsrpt-send.json.imported``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import datetime as _dt
-import errno
 import fcntl
 import gzip
 import http.client
@@ -63,6 +84,7 @@ import secrets
 import smtplib
 import ssl
 import tempfile
+import time
 import urllib.parse
 from dataclasses import dataclass, field
 from email.message import EmailMessage
@@ -70,31 +92,41 @@ from email.utils import format_datetime, make_msgid, parseaddr
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from milterd.outbound.tlsrpt import build_report, load_sessions
+from milterd.outbound.tlsrpt import build_report
+from milterd.store.api import Record, Store, StoreError, open_store, redact
 
-__all__ = ["SendError", "TlsRptSender", "Outcome", "parse_tlsrpt_record", "TlsRptFileCollector",
-           "STATE_FILE", "METRICS_FILE", "SESSIONS_FILE", "REPORTS_DIR"]
+__all__ = ["SendError", "StoreUnavailable", "TlsRptSender", "Outcome", "parse_tlsrpt_record",
+           "TlsRptFileCollector", "METRICS_FILE", "COUNTERS_FILE", "LEGACY_STATE_FILE",
+           "NS_REPORT", "NS_DELIVERY", "SESSION_KIND", "SUBMITTED_KIND", "LEASE"]
 
 log = logging.getLogger("milterd.tlsrpt")
 
-SESSIONS_FILE = "tlsrpt-sessions.jsonl"
-STATE_FILE = "tlsrpt-send.json"
 METRICS_FILE = "tlsrpt.prom"
-REPORTS_DIR = "tlsrpt-reports"
-LOCK_FILE = "tlsrpt-send.lock"
+COUNTERS_FILE = "tlsrpt-counters.json"
+LEGACY_STATE_FILE = "tlsrpt-send.json"            # the file-based version's state (imported)
+LEGACY_REPORTS_DIR = "tlsrpt-reports"
+
+SESSION_KIND = "tlsrpt-session"                  # records: one per SMTP session, every host
+SUBMITTED_KIND = "tlsrpt-submitted"              # records: queue IDs of our report submissions
+NS_REPORT = "tlsrpt-report"                      # jobs: DAY|DOMAIN
+NS_DELIVERY = "tlsrpt"                           # jobs: DAY|DOMAIN|RUA
+LEASE = 600.0                                    # seconds a claim holds without being renewed
 
 LOOKBACK_DAYS = 7                                # finished days considered by a run
 FINISH_GRACE = _dt.timedelta(minutes=5)          # a day is finished this long after midnight UTC
 GIVE_UP_AFTER = _dt.timedelta(days=2)            # after the first attempt
 BACKOFF = tuple(_dt.timedelta(minutes=m) for m in (15, 30, 60, 120, 240, 480))
-KEEP_DAYS = LOOKBACK_DAYS + 7                    # state and stored reports are pruned after this
+KEEP_DAYS = LOOKBACK_DAYS + 7                    # submitted queue IDs are looked at this long
 MAX_DOMAIN_LABELS = 100
 SMTP_TIMEOUT = 60.0
 HTTP_TIMEOUT = 60.0
 DNS_TIMEOUT = 10.0
+EXIT_STORE_DOWN = 75                             # EX_TEMPFAIL: the timer's next run retries
 
 UTC = _dt.timezone.utc
 RESULTS = ("sent", "retry", "gave_up", "no_record", "unknown")
+_FINAL = ("sent", "gave_up", "unknown")
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 class SendError(Exception):
@@ -256,6 +288,14 @@ def _temporary_http(status: int) -> bool:
     return status in (408, 425, 429) or 500 <= status <= 599
 
 
+class StoreUnavailable(SendError):
+    """The store cannot be reached (exit :data:`EXIT_STORE_DOWN`); nothing more is sent."""
+
+
+class _Lost(Exception):
+    """This run no longer owns a job: its lease ran out and another host took it over."""
+
+
 # -- the sender ---------------------------------------------------------------------------------
 @dataclass
 class _Ctx:
@@ -270,13 +310,15 @@ class _Ctx:
 class TlsRptSender:
     """One ``tlsrpt send`` run.  ``now`` and ``hook`` are for tests: ``hook(point, day, domain,
     rua)`` is called at ``claimed``, ``committing`` and ``delivered`` (after the receiver
-    accepted, before ``sent`` is recorded); raising there simulates a crash."""
+    accepted, before ``sent`` is recorded); raising there (or killing the process) simulates a
+    crash.  ``store`` is opened from ``[store] url`` unless given."""
 
     config: Any
     now: _dt.datetime | None = None
     dry_run: bool = False
     hook: Callable[[str, str, str, str], None] | None = None
     dns: Any = None                       # an object with async txt(name); default DnsClient
+    store: Store | None = None
     outcomes: list[Outcome] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -285,7 +327,7 @@ class TlsRptSender:
         if missing:
             raise SendError("; ".join(f"tlsrpt.{k}: required to send reports" for k in missing))
         if not self.config.outbound.state_dir:
-            raise SendError("outbound.state_dir: required (session records and send state)")
+            raise SendError("outbound.state_dir: required (counters and tlsrpt.prom)")
         self.state_dir = Path(self.config.outbound.state_dir)
         contact = t.contact.strip()
         addr = contact[7:] if contact.lower().startswith("mailto:") else contact
@@ -303,10 +345,19 @@ class TlsRptSender:
         if self.now is None:
             self.now = _dt.datetime.now(UTC)
         self.now = self.now.astimezone(UTC)
+        self._t0 = time.monotonic()
+        self.host = self.config.store.host_name
+        self.owner = f"{self.host}/{os.getpid()}/{secrets.token_hex(4)}"
         labelled = set(self.config.domain_security.send_domains)
         for p in getattr(self.config, "partners", ()):
             labelled.add(getattr(p, "domain", getattr(p, "entry", "")))
         self._configured_labels = {d.lower().lstrip(".") for d in labelled if d}
+        self._counts: dict[tuple[str, str], int] = {}
+        self._pending: int | None = None
+
+    def _ts(self) -> float:
+        """Unix time for leases: ``now`` advanced by the real time this run has taken."""
+        return self.now.timestamp() + (time.monotonic() - self._t0)
 
     # -- entry point ----------------------------------------------------------------------
     def run(self, date: _dt.date | None = None) -> list[Outcome]:
@@ -326,268 +377,259 @@ class TlsRptSender:
             self.state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise SendError(f"outbound.state_dir: {exc.strerror}: {self.state_dir}") from None
-        with self._lock():
-            self.state = self._load_state()
-            self._recover()
-            sessions = self._sessions()
-            for d in days:
-                self._day(d.isoformat(), sessions)
+        legacy = self._read_legacy()
+        opened = self.store is None
+        url = self.config.store.url
+        try:
+            if self.store is None:
+                self.store = open_store(url)
             if not self.dry_run:
-                self._prune(today)
-                self.state["last_run"] = _iso(self.now)
-                self._save()
+                self.store.migrate()
+                if legacy is not None:
+                    self._import_legacy(legacy, today)
+            self._submitted = self._load_submitted(today)
+            for d in days:
+                self._day(d.isoformat())
+            if not self.dry_run:
+                self._pending = self._count_pending(days)
+        except StoreError as exc:
+            log.error("tlsrpt send: store %s unavailable: %s; stopped (nothing is sent without "
+                      "a saved claim; the next run continues)", redact(url), exc)
+            raise StoreUnavailable(f"store {redact(url)} unavailable: {exc}") from None
+        finally:
+            if not self.dry_run:
                 self._write_metrics()
+            if opened and self.store is not None:
+                self.store.close()
+                self.store = None
         return self.outcomes
 
-    # -- state -------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _lock(self):
-        path = self.state_dir / LOCK_FILE
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                if exc.errno in (errno.EAGAIN, errno.EACCES):
-                    raise SendError(f"{path}: another 'milterd tlsrpt send' is running") from None
-                raise
-            yield
-        finally:
-            os.close(fd)
+    # -- store plumbing -----------------------------------------------------------------------
+    def _put(self, ns: str, key: str, state: dict, lease: float) -> None:
+        """Save a job's state (``lease`` 0 releases it); :class:`_Lost` if another host took it."""
+        if not self.store.job_put(ns, key, self.owner, state, lease, self._ts()):
+            raise _Lost(f"{ns} {key}")
 
-    def _load_state(self) -> dict:
-        path = self.state_dir / STATE_FILE
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            data = {}
-        except (OSError, ValueError) as exc:
-            # Never guess: a lost state could mean sending every report again.
-            raise SendError(f"{path}: unreadable send state ({exc}); fix or move it aside "
-                            "(without it, reports of the last days may be sent again)") from None
-        if not isinstance(data, dict):
-            raise SendError(f"{path}: not a send state file")
-        for k in ("reports", "deliveries", "submitted", "counters"):
-            data.setdefault(k, {})
-        data.setdefault("version", 1)
-        return data
+    def _release(self, ns: str, key: str, state: dict) -> None:
+        with contextlib.suppress(_Lost):
+            self._put(ns, key, state, 0)
 
-    def _save(self) -> None:
-        if self.dry_run:
-            return
-        atomic_write(self.state_dir / STATE_FILE,
-                     json.dumps(self.state, indent=1, sort_keys=True).encode())
+    def _load_submitted(self, today: _dt.date) -> set[tuple[str, str]]:
+        """(host, queue ID) of our report submissions fleet-wide; host "" matches any host."""
+        recs = self.store.records(SUBMITTED_KIND, today - _dt.timedelta(days=KEEP_DAYS), today)
+        return {(str(r.data.get("mta_host", r.host)), str(r.data.get("queue_id")))
+                for r in recs if r.data.get("queue_id")}
 
-    def _recover(self) -> None:
-        """Entries a crashed run left mid-delivery."""
-        changed = False
-        for key, e in self.state["deliveries"].items():
-            day, domain, rua = key.split("|", 2)
-            if e.get("state") == "claimed":
-                # nothing past the point of no return: the receiver discarded what it got
-                e["state"] = "retry"
-                e["next_attempt"] = _iso(self.now)
-                e["last_error"] = "interrupted before the transfer completed"
-                changed = True
-                log.warning("tlsrpt send: %s %s %s: the last run stopped mid-delivery "
-                            "(before the transfer completed): sending again, same report-id",
-                            day, domain, display_uri(rua))
-            elif e.get("state") == "committing":
-                e["state"] = "unknown"
-                changed = True
-                self._count(domain, "unknown")
-                self.outcomes.append(Outcome(day, domain, rua, "unknown",
-                                             "interrupted while completing the transfer"))
-                log.warning("tlsrpt send: %s %s %s: outcome unknown (the last run stopped while "
-                            "completing the transfer): not sent again, to never send twice "
-                            "(report-id %s)", day, domain, display_uri(rua), e.get("report_id"))
-        if changed:
-            self._save()
+    def _ours(self, host: str, rec: dict) -> bool:
+        return any((host, q) in self._submitted or ("", q) in self._submitted
+                   for q in _queue_ids(rec))
 
-    def _prune(self, today: _dt.date) -> None:
-        oldest = (today - _dt.timedelta(days=KEEP_DAYS)).isoformat()
-        for key in [k for k in self.state["reports"] if k.split("|", 1)[0] < oldest]:
-            e = self.state["reports"].pop(key)
-            if e.get("file"):
-                with contextlib.suppress(OSError):
-                    (self.state_dir / REPORTS_DIR / e["file"]).unlink()
-        for key in [k for k in self.state["deliveries"] if k.split("|", 1)[0] < oldest]:
-            del self.state["deliveries"][key]
-        cutoff = _iso(self.now - _dt.timedelta(days=KEEP_DAYS))
-        for q in [q for q, ts in self.state["submitted"].items() if ts < cutoff]:
-            del self.state["submitted"][q]
-
-    # -- sessions ----------------------------------------------------------------------------
-    def _sessions(self) -> dict[str, dict[str, list[dict]]]:
-        """day -> domain -> records, without sessions that delivered one of our reports."""
-        path = self.state_dir / SESSIONS_FILE
-        try:
-            records = load_sessions(path)
-        except FileNotFoundError:
-            records = []
-        except OSError as exc:
-            raise SendError(f"{path}: {exc.strerror}") from None
-        ours = self.state["submitted"]
-        out: dict[str, dict[str, list[dict]]] = {}
+    def _sessions(self, day: str, names: list[str]) -> list[dict]:
+        """The day's session records of every host for one domain (as stored, possibly under
+        several spellings), ready for build_report; our own report deliveries left out."""
+        out: list[dict] = []
         skipped = 0
-        for rec in records:
-            day = _session_day(rec)
-            domain = rec.get("policy_domain")
-            if day is None or not isinstance(domain, str):
-                continue
-            if any(q in ours for q in _queue_ids(rec)):
-                skipped += 1
-                continue
-            domain = domain.lower().rstrip(".")
-            out.setdefault(day, {}).setdefault(domain, []).append(rec)
+        default_ip = self.config.tlsrpt.sending_ip
+        for name in names:
+            for r in self.store.records(SESSION_KIND, day, domain=name):
+                rec = dict(r.data)
+                if self._ours(r.host, rec):
+                    skipped += 1
+                    continue
+                rec["key"] = r.key            # fleet-unique (host:key); build_report counts once
+                rec["policy_domain"] = str(rec.get("policy_domain") or name).lower().rstrip(".")
+                if not rec.get("sending_mta_ip"):
+                    # each host's own address; this host's config only for its own records
+                    rec["sending_mta_ip"] = rec.get("sending_ip") or (
+                        default_ip if r.host == self.host else None)
+                out.append(rec)
         if skipped:
-            log.info("tlsrpt send: %d session(s) left out: deliveries of our own reports",
-                     skipped)
+            log.info("tlsrpt send: %s %s: %d session(s) left out: deliveries of our own "
+                     "reports", day, names[0].lower().rstrip("."), skipped)
         return out
 
     # -- one day ----------------------------------------------------------------------------
-    def _day(self, day: str, sessions: dict[str, dict[str, list[dict]]]) -> None:
-        domains = set(sessions.get(day, {}))
-        domains |= {k.split("|", 1)[1] for k, e in self.state["reports"].items()
-                    if k.startswith(day + "|")}
-        for domain in sorted(domains):
+    def _day(self, day: str) -> None:
+        reports = self.store.jobs(NS_REPORT, f"{day}|")
+        deliveries = self.store.jobs(NS_DELIVERY, f"{day}|")
+        names: dict[str, list[str]] = {}
+        for d in self.store.record_domains(SESSION_KIND, day):
+            names.setdefault(d.lower().rstrip("."), []).append(d)
+        for k in reports:
+            names.setdefault(k.split("|", 1)[1], [])
+        for domain in sorted(names):
             if not _hostname(domain):
                 log.info("tlsrpt send: %s: %r is not a domain name: no report", day, domain[:80])
                 continue
-            self._domain(day, domain, sessions.get(day, {}).get(domain, []))
+            job = reports.get(f"{day}|{domain}")
+            try:
+                self._domain(day, domain, names[domain] or [domain],
+                             job.state if job else {}, deliveries)
+            except _Lost as exc:
+                self.outcomes.append(Outcome(day, domain, None, "elsewhere", "claim lost"))
+                log.warning("tlsrpt send: %s %s: another host took over (%s): stopped here",
+                            day, domain, exc)
 
-    def _domain(self, day: str, domain: str, recs: list[dict]) -> None:
-        key = f"{day}|{domain}"
-        entry = self.state["reports"].get(key)
-        state = entry.get("state") if entry else None
-        if state in ("no_record", "done", "gave_up"):
-            return
-        if state == "dns_retry":
-            if (_parse_iso(entry.get("next_attempt")) or self.now) > self.now:
-                self.outcomes.append(Outcome(day, domain, None, "pending", "DNS lookup"))
-                return
-        if state in (None, "dns_retry"):
-            entry = self._lookup(day, domain, recs, entry)
-            if entry is None or entry.get("state") != "pending":
-                return
-        ctx = self._context(day, domain, entry)
-        if ctx is None:
-            return
-        for rua in entry["ruas"]:
-            self._delivery(ctx, rua)
-        finals = ("sent", "gave_up", "unknown")
-        if not self.dry_run and all(
-                self.state["deliveries"].get(f"{key}|{r}", {}).get("state") in finals
-                for r in entry["ruas"]):
-            entry["state"] = "done"
-            self._save()
+    def _due(self, st: dict) -> bool:
+        return (_parse_iso(st.get("next_attempt")) or self.now) <= self.now
 
-    def _lookup(self, day: str, domain: str, recs: list[dict], entry: dict | None) -> dict | None:
+    def _domain(self, day: str, domain: str, names: list[str], seen: dict,
+                deliveries: dict) -> None:
         key = f"{day}|{domain}"
+        if seen.get("state") in ("no_record", "done", "gave_up"):
+            return
+        if seen.get("state") == "dns_retry" and not self._due(seen):
+            self.outcomes.append(Outcome(day, domain, None, "pending", "DNS lookup"))
+            return
+        if self.dry_run:
+            st = seen if seen.get("state") == "pending" else self._lookup(day, domain, names,
+                                                                          seen)
+            if st and st.get("state") == "pending":
+                ctx = self._context(day, domain, st)
+                for rua in st["ruas"]:
+                    e = deliveries.get(f"{key}|{rua}")
+                    if e is None or e.state.get("state") not in _FINAL:
+                        self.outcomes.append(Outcome(day, domain, rua, "dry_run", ctx.report_id))
+                        log.info("tlsrpt send: %s %s %s: would send report %s (dry run)", day,
+                                 domain, display_uri(rua), ctx.report_id)
+            return
+        job = self.store.claim(NS_REPORT, key, self.owner, LEASE, self._ts())
+        if job is None:
+            self.outcomes.append(Outcome(day, domain, None, "elsewhere", "another host has it"))
+            log.info("tlsrpt send: %s %s: being handled by another host", day, domain)
+            return
+        st = dict(job.state)                       # the state now, not when listed
+        if st.get("state") in ("no_record", "done", "gave_up") or (
+                st.get("state") == "dns_retry" and not self._due(st)):
+            self._release(NS_REPORT, key, st)
+            return
+        if st.get("state") != "pending":
+            new = self._lookup(day, domain, names, st)
+            if new is None:
+                self._release(NS_REPORT, key, st)
+                return
+            st = new
+            if st.get("state") != "pending":
+                self._put(NS_REPORT, key, st, 0)
+                return
+            self._put(NS_REPORT, key, st, LEASE)   # the report, before any rua gets it
+        ctx = self._context(day, domain, st)
+        finals = []
+        for rua in st["ruas"]:
+            finals.append(self._delivery(ctx, rua, deliveries.get(f"{key}|{rua}")))
+            self._put(NS_REPORT, key, st, LEASE)   # renew the domain's lease
+        if all(finals):
+            st["state"] = "done"
+            st["done"] = _iso(self.now)
+        self._put(NS_REPORT, key, st, 0)
+
+    def _lookup(self, day: str, domain: str, names: list[str], st: dict) -> dict | None:
+        """The domain's new report state after looking up its record (None: nothing to do)."""
         name = f"_smtp._tls.{domain}"
         from milterd.outbound.dns import DnsTempError
 
         try:
             txts = asyncio.run(self._dns().txt(name))
         except DnsTempError as exc:
-            first = _parse_iso((entry or {}).get("first_attempt")) or self.now
+            first = _parse_iso(st.get("first_attempt")) or self.now
             if self.now - first >= GIVE_UP_AFTER:
-                self._final_domain(key, "gave_up", f"DNS: {exc}")
                 self.outcomes.append(Outcome(day, domain, None, "gave_up", f"DNS: {exc}"))
                 self._count(domain, "gave_up")
                 log.warning("tlsrpt send: %s %s: gave up: TLSRPT record lookup kept failing "
                             "(%s) since %s", day, domain, exc, _iso(first))
-                return None
-            attempts = int((entry or {}).get("attempts", 0)) + 1
+                return {"state": "gave_up", "reason": f"DNS: {exc}", "at": _iso(self.now),
+                        "host": self.host}
+            attempts = int(st.get("attempts", 0)) + 1
             nxt = self.now + BACKOFF[min(attempts, len(BACKOFF)) - 1]
-            if not self.dry_run:
-                self.state["reports"][key] = {"state": "dns_retry", "first_attempt": _iso(first),
-                                              "attempts": attempts, "next_attempt": _iso(nxt),
-                                              "last_error": str(exc)}
-                self._save()
             self.outcomes.append(Outcome(day, domain, None, "retry", f"DNS: {exc}"))
             self._count(domain, "retry")
             log.warning("tlsrpt send: %s %s: retry later: TLSRPT record lookup failed (%s); "
                         "next attempt after %s", day, domain, exc, _iso(nxt))
-            return None
+            return {"state": "dns_retry", "first_attempt": _iso(first), "attempts": attempts,
+                    "next_attempt": _iso(nxt), "last_error": str(exc), "host": self.host}
         ruas, why = parse_tlsrpt_record(txts)
         if not ruas:
-            self._final_domain(key, "no_record", why)
             self.outcomes.append(Outcome(day, domain, None, "no_record", why))
             self._count(domain, "no_record")
             log.info("tlsrpt send: %s %s: no record: %s at %s: no report", day, domain, why, name)
-            return None
+            return {"state": "no_record", "reason": why, "at": _iso(self.now), "host": self.host}
+        recs = self._sessions(day, names)
         if not recs:
             return None
         unique = secrets.token_hex(8)
         report_id = f"{day.replace('-', '')}.{unique}.{domain}@{self.submitter}"
         report = build_report(recs, day, self.config.tlsrpt.organization,
-                              self.config.tlsrpt.contact, report_id, policy_domain=domain,
-                              sending_mta_ip=self.config.tlsrpt.sending_ip)
+                              self.config.tlsrpt.contact, report_id, policy_domain=domain)
         if not report.get("policies"):
             return None
         begin = int(_dt.datetime.combine(_dt.date.fromisoformat(day), _dt.time(), UTC)
                     .timestamp())
         filename = f"{self.submitter}!{domain}!{begin}!{begin + 86399}!{unique}.json.gz"
         gz = gzip.compress(json.dumps(report, indent=1).encode("utf-8"), mtime=0)
-        entry = {"state": "pending", "report_id": report_id, "file": filename, "ruas": ruas,
-                 "built": _iso(self.now)}
-        if self.dry_run:
-            self._dry = getattr(self, "_dry", {})
-            self._dry[key] = (entry, gz)
-            return entry
-        (self.state_dir / REPORTS_DIR).mkdir(exist_ok=True)
-        atomic_write(self.state_dir / REPORTS_DIR / filename, gz)
-        self.state["reports"][key] = entry
-        self._save()
-        return entry
+        return {"state": "pending", "report_id": report_id, "file": filename, "ruas": ruas,
+                "built": _iso(self.now), "host": self.host, "sessions": len(recs),
+                "gz": base64.b64encode(gz).decode("ascii")}
 
-    def _final_domain(self, key: str, state: str, why: str) -> None:
-        if not self.dry_run:
-            self.state["reports"][key] = {"state": state, "reason": why, "at": _iso(self.now)}
-            self._save()
-
-    def _context(self, day: str, domain: str, entry: dict) -> _Ctx | None:
-        dry = getattr(self, "_dry", {}).get(f"{day}|{domain}")
-        if dry is not None:
-            return _Ctx(day, domain, entry["report_id"], entry["file"], dry[1])
-        path = self.state_dir / REPORTS_DIR / entry["file"]
-        try:
-            gz = path.read_bytes()
-        except OSError as exc:
-            log.error("tlsrpt send: %s %s: stored report %s unreadable (%s): not sent",
-                      day, domain, path, exc.strerror)
-            return None
-        return _Ctx(day, domain, entry["report_id"], entry["file"], gz)
+    @staticmethod
+    def _context(day: str, domain: str, st: dict) -> _Ctx:
+        return _Ctx(day, domain, st["report_id"], st["file"], base64.b64decode(st["gz"]))
 
     # -- one delivery -----------------------------------------------------------------------
-    def _delivery(self, ctx: _Ctx, rua: str) -> None:
+    def _delivery(self, ctx: _Ctx, rua: str, listed: Any) -> bool:
+        """Deliver (or retry) the report to one rua; True when that delivery is final."""
         key = f"{ctx.day}|{ctx.domain}|{rua}"
         shown = display_uri(rua)
-        e = self.state["deliveries"].get(key)
-        if e and e.get("state") in ("sent", "gave_up", "unknown"):
-            return
-        if e and e.get("state") == "retry" and (
-                _parse_iso(e.get("next_attempt")) or self.now) > self.now:
+        seen = listed.state if listed is not None else {}
+        if seen.get("state") in _FINAL:
+            return True
+        if seen.get("state") == "retry" and not self._due(seen):
+            self.outcomes.append(Outcome(ctx.day, ctx.domain, rua, "pending",
+                                         f"next attempt after {seen.get('next_attempt')}"))
+            return False
+        job = self.store.claim(NS_DELIVERY, key, self.owner, LEASE, self._ts())
+        if job is None:
+            self.outcomes.append(Outcome(ctx.day, ctx.domain, rua, "elsewhere",
+                                         "another host is delivering it"))
+            log.info("tlsrpt send: %s %s %s: being delivered by another host", ctx.day,
+                     ctx.domain, shown)
+            return False
+        e = dict(job.state)
+        state = e.get("state")
+        if state in _FINAL:
+            self._release(NS_DELIVERY, key, e)
+            return True
+        if state == "retry" and not self._due(e):
+            self._release(NS_DELIVERY, key, e)
             self.outcomes.append(Outcome(ctx.day, ctx.domain, rua, "pending",
                                          f"next attempt after {e.get('next_attempt')}"))
-            return
-        if self.dry_run:
-            self.outcomes.append(Outcome(ctx.day, ctx.domain, rua, "dry_run", ctx.report_id))
-            log.info("tlsrpt send: %s %s %s: would send report %s (dry run)", ctx.day,
-                     ctx.domain, shown, ctx.report_id)
-            return
-        e = e or {"report_id": ctx.report_id, "attempts": 0, "first_attempt": _iso(self.now),
-                  "message_id": make_msgid(domain=self.submitter)}
+            return False
+        if state == "committing":
+            # its lease ran out while completing the transfer: the receiver may have it
+            e.update(state="unknown", unknown_at=_iso(self.now), found_by=self.host)
+            self._put(NS_DELIVERY, key, e, 0)
+            self._count(ctx.domain, "unknown")
+            self.outcomes.append(Outcome(ctx.day, ctx.domain, rua, "unknown",
+                                         "interrupted while completing the transfer"))
+            log.warning("tlsrpt send: %s %s %s: outcome unknown (the run on %s stopped while "
+                        "completing the transfer): not sent again, to never send twice "
+                        "(report-id %s)", ctx.day, ctx.domain, shown, e.get("host", "?"),
+                        e.get("report_id"))
+            return True
+        if state == "claimed":
+            log.warning("tlsrpt send: %s %s %s: the run on %s stopped mid-delivery (before the "
+                        "transfer completed): sending again, same report-id", ctx.day,
+                        ctx.domain, shown, e.get("host", "?"))
+        if not e:
+            e = {"report_id": ctx.report_id, "attempts": 0, "first_attempt": _iso(self.now),
+                 "message_id": make_msgid(domain=self.submitter)}
         e.update(state="claimed", attempts=int(e.get("attempts", 0)) + 1,
-                 last_attempt=_iso(self.now))
-        self.state["deliveries"][key] = e
-        self._save()
+                 last_attempt=_iso(self.now), host=self.host)
+        self._put(NS_DELIVERY, key, e, LEASE)
         self._hook("claimed", ctx, rua)
 
         def commit() -> None:
             e["state"] = "committing"
-            self._save()
+            self._put(NS_DELIVERY, key, e, LEASE)   # _Lost: stop before the completing byte
             self._hook("committing", ctx, rua)
 
         try:
@@ -600,33 +642,127 @@ class TlsRptSender:
             if isinstance(exc, _Temporary) and self.now - first < GIVE_UP_AFTER:
                 nxt = self.now + BACKOFF[min(e["attempts"], len(BACKOFF)) - 1]
                 e.update(state="retry", next_attempt=_iso(nxt), last_error=str(exc))
-                self._save()
+                self._put(NS_DELIVERY, key, e, 0)
                 self.outcomes.append(Outcome(ctx.day, ctx.domain, rua, "retry", str(exc)))
                 self._count(ctx.domain, "retry")
                 log.warning("tlsrpt send: %s %s %s: retry later: %s (attempt %d; next after "
                             "%s)", ctx.day, ctx.domain, shown, exc, e["attempts"], _iso(nxt))
-            else:
-                why = "permanent failure" if isinstance(exc, _Permanent) else (
-                    f"failing since {_iso(first)}")
-                e.update(state="gave_up", last_error=str(exc), gave_up=_iso(self.now))
-                self._save()
-                self.outcomes.append(Outcome(ctx.day, ctx.domain, rua, "gave_up", str(exc)))
-                self._count(ctx.domain, "gave_up")
-                log.error("tlsrpt send: %s %s %s: gave up (%s): %s (report-id %s)", ctx.day,
-                          ctx.domain, shown, why, exc, ctx.report_id)
-            return
-        self._hook("delivered", ctx, rua)
-        e.update(state="sent", sent_at=_iso(self.now))
-        e.pop("next_attempt", None)
-        self._save()
-        self.outcomes.append(Outcome(ctx.day, ctx.domain, rua, "sent", detail))
+                return False
+            why = "permanent failure" if isinstance(exc, _Permanent) else (
+                f"failing since {_iso(first)}")
+            e.update(state="gave_up", last_error=str(exc), gave_up=_iso(self.now))
+            self._put(NS_DELIVERY, key, e, 0)
+            self.outcomes.append(Outcome(ctx.day, ctx.domain, rua, "gave_up", str(exc)))
+            self._count(ctx.domain, "gave_up")
+            log.error("tlsrpt send: %s %s %s: gave up (%s): %s (report-id %s)", ctx.day,
+                      ctx.domain, shown, why, exc, ctx.report_id)
+            return True
+        # The receiver has it: count it as this host's, whatever happens to the bookkeeping.
         self._count(ctx.domain, "sent")
+        self.outcomes.append(Outcome(ctx.day, ctx.domain, rua, "sent", detail))
         log.info("tlsrpt send: %s %s %s: sent (report-id %s%s)", ctx.day, ctx.domain, shown,
                  ctx.report_id, f", {detail}" if detail else "")
+        self._hook("delivered", ctx, rua)
+        if e.get("queue_id"):
+            mta = self.host if self.smtp_host in _LOOPBACK else ""
+            self.store.put_records([Record(
+                SUBMITTED_KIND, f"{mta or '*'}:{e['queue_id']}", self.now.date().isoformat(),
+                ctx.domain, self.host, {"queue_id": e["queue_id"], "mta_host": mta,
+                                        "report_id": ctx.report_id, "rua": shown})])
+            self._submitted.add((mta, e["queue_id"]))
+        e.update(state="sent", sent_at=_iso(self.now))
+        e.pop("next_attempt", None)
+        try:
+            self._put(NS_DELIVERY, key, e, 0)
+        except _Lost:
+            log.error("tlsrpt send: %s %s %s: sent, but another host had taken the job over "
+                      "meanwhile (this run was too slow); it finds 'committing' and does not "
+                      "send again", ctx.day, ctx.domain, shown)
+        return True
 
     def _hook(self, point: str, ctx: _Ctx, rua: str) -> None:
         if self.hook is not None:
             self.hook(point, ctx.day, ctx.domain, rua)
+
+    def _count_pending(self, days: list[_dt.date]) -> int:
+        """Retries waiting whose last attempt was this host's (their fleet sum is the total)."""
+        n = 0
+        for d in days:
+            for js in self.store.jobs(NS_DELIVERY, f"{d.isoformat()}|").values():
+                n += js.state.get("state") in ("retry", "claimed") and \
+                    js.state.get("host") == self.host
+            for js in self.store.jobs(NS_REPORT, f"{d.isoformat()}|").values():
+                n += js.state.get("state") == "dns_retry" and js.state.get("host") == self.host
+        return n
+
+    # -- the file-based version's state ----------------------------------------------------------
+    def _read_legacy(self) -> dict | None:
+        path = self.state_dir / LEGACY_STATE_FILE
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            # Never guess: a lost state could mean sending every report again.
+            raise SendError(f"{path}: unreadable send state of the previous version ({exc}); "
+                            "fix or move it aside (without it, reports of the last days may be "
+                            "sent again)") from None
+        if not isinstance(data, dict):
+            raise SendError(f"{path}: not a send state file")
+        return data
+
+    def _import_legacy(self, data: dict, today: _dt.date) -> None:
+        """Jobs not in the store yet, queue IDs and counters from ``tlsrpt-send.json``; then the
+        file is renamed.  Idempotent: a job that exists (any state) is never overwritten."""
+        oldest = (today - _dt.timedelta(days=KEEP_DAYS)).isoformat()
+        imported = 0
+        for ns, entries in ((NS_REPORT, data.get("reports") or {}),
+                            (NS_DELIVERY, data.get("deliveries") or {})):
+            for key, e in entries.items():
+                if not isinstance(e, dict) or key.split("|", 1)[0] < oldest:
+                    continue
+                e = dict(e, host=self.host, imported=_iso(self.now))
+                if ns == NS_REPORT and e.get("state") == "pending":
+                    try:
+                        gz = (self.state_dir / LEGACY_REPORTS_DIR / e["file"]).read_bytes()
+                    except (OSError, KeyError):
+                        continue                    # rebuilt (delivered ruas stay delivered)
+                    e["gz"] = base64.b64encode(gz).decode("ascii")
+                if ns == NS_DELIVERY and e.get("state") == "claimed":
+                    e.update(state="retry", next_attempt=_iso(self.now))
+                elif ns == NS_DELIVERY and e.get("state") == "committing":
+                    e["state"] = "unknown"
+                job = self.store.claim(ns, key, self.owner, LEASE, self._ts())
+                if job is None:
+                    continue
+                if job.state:
+                    self._release(ns, key, dict(job.state))
+                    continue
+                self._put(ns, key, e, 0)
+                imported += 1
+        subs = [Record(SUBMITTED_KIND, f"{self.host}:{q}", str(ts)[:10], "", self.host,
+                       {"queue_id": q, "mta_host": self.host, "imported": True})
+                for q, ts in (data.get("submitted") or {}).items()
+                if isinstance(ts, str) and ts[:10] >= oldest]
+        self.store.put_records(subs)
+
+        def merge(c: dict) -> None:
+            if c.get("imported"):
+                return
+            old = data.get("counters") if isinstance(data.get("counters"), dict) else {}
+            for k, v in old.items():
+                c["counters"][k] = int(c["counters"].get(k, 0)) + int(v)
+            for d in data.get("domain_labels") or []:
+                if d not in c["domain_labels"]:
+                    c["domain_labels"].append(d)
+            c["imported"] = True
+
+        self._with_counters(merge)
+        path = self.state_dir / LEGACY_STATE_FILE
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(path, path.with_name(path.name + ".imported"))
+        log.warning("tlsrpt send: imported %s into the store (%d jobs, %d queue IDs); it is now "
+                    "%s.imported", path, imported, len(subs), path.name)
 
     # -- mailto: ------------------------------------------------------------------------------
     def message(self, ctx: _Ctx, to: str, message_id: str) -> bytes:
@@ -680,7 +816,6 @@ class TlsRptSender:
             m = re.search(r"queued as ([0-9A-Za-z]+)", reply)
             if m:
                 e["queue_id"] = m.group(1)
-                self.state["submitted"][m.group(1)] = _iso(self.now)
             else:
                 log.warning("tlsrpt send: %s did not name a queue ID (%r): this report's own "
                             "delivery may appear in the next report", where, reply[:120])
@@ -744,9 +879,37 @@ class TlsRptSender:
                                  lifetime=DNS_TIMEOUT)
         return self.dns
 
-    # -- metrics --------------------------------------------------------------------------------
-    def _label(self, domain: str) -> str:
-        labels = self.state.setdefault("domain_labels", [])
+    # -- metrics (this host's) ----------------------------------------------------------------
+    def _count(self, domain: str, result: str) -> None:
+        if self.dry_run:
+            return
+        self._counts[(domain, result)] = self._counts.get((domain, result), 0) + 1
+
+    def _with_counters(self, change: Callable[[dict], None]) -> dict:
+        """Read-modify-write ``tlsrpt-counters.json`` under a lock held just for that: this
+        host's counters (runs on one host may overlap; nothing else is locked)."""
+        path = self.state_dir / COUNTERS_FILE
+        fd = os.open(self.state_dir / (COUNTERS_FILE + ".lock"), os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                c = json.loads(path.read_text(encoding="utf-8"))
+                if not isinstance(c, dict):
+                    raise ValueError("not an object")
+            except FileNotFoundError:
+                c = {}
+            except (OSError, ValueError) as exc:
+                log.warning("tlsrpt send: %s unreadable (%s): counters start again", path, exc)
+                c = {}
+            c.setdefault("counters", {})
+            c.setdefault("domain_labels", [])
+            change(c)
+            atomic_write(path, json.dumps(c, indent=1, sort_keys=True).encode())
+            return c
+        finally:
+            os.close(fd)
+
+    def _label(self, domain: str, labels: list[str]) -> str:
         if domain in self._configured_labels or domain in labels:
             return domain
         if len(labels) < MAX_DOMAIN_LABELS:
@@ -754,28 +917,36 @@ class TlsRptSender:
             return domain
         return "other"
 
-    def _count(self, domain: str, result: str) -> None:
-        if self.dry_run:
-            return
-        k = f"{self._label(domain)}|{result}"
-        self.state["counters"][k] = int(self.state["counters"].get(k, 0)) + 1
-
     def _write_metrics(self) -> None:
+        def add(c: dict) -> None:
+            for (domain, result), n in sorted(self._counts.items()):
+                k = f"{self._label(domain, c['domain_labels'])}|{result}"
+                c["counters"][k] = int(c["counters"].get(k, 0)) + n
+            if self._pending is not None:
+                c["pending"] = self._pending
+            c["last_run"] = _iso(self.now)
+
+        try:
+            c = self._with_counters(add)
+        except OSError as exc:
+            log.error("tlsrpt send: %s: cannot save this host's counters: %s", self.state_dir,
+                      exc)
+            return
+        self._counts.clear()
         lines = [
             "# HELP milterd_tlsrpt_reports_total TLS-RPT report deliveries (and domains without "
-            "a TLSRPT record) by policy domain and result, from 'milterd tlsrpt send'",
+            "a TLSRPT record) by policy domain and result, done by this host's "
+            "'milterd tlsrpt send'",
             "# TYPE milterd_tlsrpt_reports_total counter"]
-        for k in sorted(self.state["counters"]):
+        for k in sorted(c["counters"]):
             domain, result = k.rsplit("|", 1)
             lines.append(f'milterd_tlsrpt_reports_total{{domain="{_esc(domain)}",'
-                         f'result="{_esc(result)}"}} {self.state["counters"][k]}')
-        pending = sum(1 for e in self.state["deliveries"].values()
-                      if e.get("state") in ("retry", "claimed"))
-        pending += sum(1 for e in self.state["reports"].values() if e.get("state") == "dns_retry")
+                         f'result="{_esc(result)}"}} {c["counters"][k]}')
         lines += [
-            "# HELP milterd_tlsrpt_pending_deliveries Report deliveries waiting for a retry",
+            "# HELP milterd_tlsrpt_pending_deliveries Report deliveries (and record lookups) "
+            "waiting for a retry, last attempted by this host",
             "# TYPE milterd_tlsrpt_pending_deliveries gauge",
-            f"milterd_tlsrpt_pending_deliveries {pending}",
+            f"milterd_tlsrpt_pending_deliveries {int(c.get('pending', 0))}",
             "# HELP milterd_tlsrpt_last_run_timestamp_seconds End of the last completed "
             "'milterd tlsrpt send' run",
             "# TYPE milterd_tlsrpt_last_run_timestamp_seconds gauge",
