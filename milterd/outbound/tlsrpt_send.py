@@ -247,11 +247,6 @@ def _parse_iso(s: Any) -> _dt.datetime | None:
     return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
-def _session_day(rec: dict) -> str | None:
-    t = _parse_iso(rec.get("ts"))
-    return t.astimezone(UTC).date().isoformat() if t else None
-
-
 def _queue_ids(rec: dict) -> list[str]:
     out = []
     q = rec.get("queue_id")
