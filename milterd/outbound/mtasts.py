@@ -20,6 +20,16 @@ What this module does and does not do
   disappeared or is invalid, and when a re-fetch fails; it is re-fetched only when the TXT
   ``id`` changes.  The cache is a bounded LRU (``cache_size`` entries; every entry is bounded by
   the 64 KiB policy limit and at most ``_MAX_MX`` patterns).
+* Shared cache (a fleet's store, :class:`SharedStsCache`, optional): on a local miss the client
+  reads the store's ``mta-sts`` cache (key: the domain; value: JSON of the policy id, the policy
+  text as fetched, its fields, who fetched it and when; expiry ``fetched + max_age``), and after
+  a successful fetch it writes it there.  So a policy fetched by one host is served by every
+  host — by one that restarted or just joined too, while its own DNS or HTTPS fails (§5.1: a
+  cached unexpired policy survives TXT and fetch failures; §10.2).  Store calls run on a worker
+  thread of their own, never on the event loop; a read waits at most ``read_timeout`` (0.5 s)
+  and a store that fails or is slow is a miss, never an error — and is then left alone for
+  ``retry_after`` seconds, so lookups do not pay the timeout one after another.  Writes are
+  fire-and-forget.  What comes from the store is parsed again like a fetched policy.
 
 Errors are reported with their RFC 8460 result types so TLS-RPT can use them directly:
 ``sts-policy-fetch-error``, ``sts-policy-invalid``, ``sts-webpki-invalid``.
@@ -31,12 +41,16 @@ sub-domains at any depth, while an MTA-STS wildcard matches exactly one label.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import json
 import logging
+import queue
 import re
 import ssl
+import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Literal, Mapping, Protocol, Sequence
+from typing import Any, Callable, Literal, Mapping, Protocol, Sequence
 
 from milterd.core.cache import TtlLruCache
 from milterd.policy.names import name_matches, normalize_dns_name
@@ -47,6 +61,7 @@ __all__ = [
     "StsError",
     "TxtResolver",
     "MtaStsClient",
+    "SharedStsCache",
     "parse_sts_txt",
     "parse_sts_policy",
     "MAX_POLICY_SIZE",
@@ -188,6 +203,122 @@ def parse_sts_policy(text: str) -> StsPolicy:
     return StsPolicy(mode=mode, mx=tuple(mx), max_age=min(int(age), MAX_AGE_LIMIT))  # type: ignore[arg-type]
 
 
+class SharedStsCache:
+    """The fleet's MTA-STS cache in the store (``ns = "mta-sts"``, see the module docstring).
+
+    :param store_getter: returns the store (``cache_get``/``cache_put``) or None (no store now).
+    :param host: this host's name, written with each entry.
+    :param read_timeout: how long a lookup waits for a read.
+    :param retry_after: after a failed or slow call, the store is not asked for this long.
+    :param max_pending: store calls queued at most (more: a miss / a skipped write).
+    """
+
+    NS = "mta-sts"
+
+    def __init__(self, store_getter: Callable[[], Any], host: str, *, read_timeout: float = 0.5,
+                 retry_after: float = 30.0, max_pending: int = 64,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._getter = store_getter
+        self.host = host
+        self.read_timeout = read_timeout
+        self.retry_after = retry_after
+        self._monotonic = monotonic
+        self._q: queue.Queue[tuple[Callable[[], Any], concurrent.futures.Future]] = \
+            queue.Queue(max(1, max_pending))
+        self._down_until = 0.0
+        self._down = False
+        self._lock = threading.Lock()
+        self._worker: threading.Thread | None = None
+        self.reads = self.hits = self.writes = self.failures = 0
+
+    # -- the worker thread -------------------------------------------------------------------
+    def _submit(self, fn: Callable[[Any], Any]) -> concurrent.futures.Future | None:
+        if self._monotonic() < self._down_until:
+            return None
+        store = self._getter()
+        if store is None:
+            return None
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        try:
+            self._q.put_nowait((lambda: fn(store), fut))
+        except queue.Full:
+            return None
+        with self._lock:
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(target=self._work, name="milterd-sts-store",
+                                                daemon=True)
+                self._worker.start()
+        return fut
+
+    def _work(self) -> None:
+        while True:
+            fn, fut = self._q.get()
+            if not fut.set_running_or_notify_cancel():
+                continue                         # the lookup stopped waiting before it ran
+            try:
+                result = fn()
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiter
+                self._failed(exc)
+                fut.set_exception(exc)
+            else:
+                self._succeeded()
+                fut.set_result(result)
+
+    def _failed(self, exc: BaseException) -> None:
+        self.failures += 1
+        self._down_until = self._monotonic() + self.retry_after
+        if not self._down:
+            self._down = True
+            log.warning("shared MTA-STS cache unavailable (%s): local cache and fetches only, "
+                        "asked again in %g s", exc if str(exc) else type(exc).__name__,
+                        self.retry_after)
+
+    def _succeeded(self) -> None:
+        if self._down:
+            self._down = False
+            log.info("shared MTA-STS cache available again")
+
+    # -- the client's calls ------------------------------------------------------------------
+    async def get(self, domain: str, now: float) -> tuple[str, "StsPolicy", float, str] | None:
+        """``(policy id, policy, expires_at, host)`` of the shared entry, or None (absent,
+        expired, malformed, or the store failed or was slower than ``read_timeout``)."""
+        fut = self._submit(lambda store: store.cache_get(self.NS, domain, now))
+        if fut is None:
+            return None
+        self.reads += 1
+        try:
+            entry = await asyncio.wait_for(asyncio.wrap_future(fut), self.read_timeout)
+        except asyncio.TimeoutError:
+            self._failed(TimeoutError(f"no answer within {self.read_timeout:g} s"))
+            return None
+        except Exception:  # noqa: BLE001 - logged once by _failed
+            return None
+        if entry is None:
+            return None
+        try:
+            value = json.loads(entry.value)
+            policy_id = value["id"]
+            if not isinstance(policy_id, str) or not _ID_RE.match(policy_id):
+                raise ValueError("bad id")
+            policy = parse_sts_policy(value["policy"])
+        except (ValueError, KeyError, TypeError, StsError) as exc:
+            log.warning("shared MTA-STS cache: entry for %s unusable (%s): ignored", domain, exc)
+            return None
+        self.hits += 1
+        return policy_id, policy, float(entry.expires_at), str(entry.host)
+
+    def put(self, domain: str, policy_id: str, text: str, policy: "StsPolicy", now: float) -> None:
+        """Share a policy just fetched (fire and forget; skipped while the store fails)."""
+        if policy.max_age <= 0:
+            return
+        value = json.dumps({"v": 1, "id": policy_id, "policy": text, "mode": policy.mode,
+                            "mx": list(policy.mx), "max_age": policy.max_age, "fetched": now,
+                            "host": self.host}, separators=(",", ":"), sort_keys=True)
+        if self._submit(lambda store: store.cache_put(self.NS, domain, value,
+                                                      now + policy.max_age, self.host, now)):
+            self.writes += 1
+
+
 class MtaStsClient:
     """Discovers, fetches and caches MTA-STS policies.
 
@@ -199,6 +330,7 @@ class MtaStsClient:
     :param max_policy_size: body size limit in bytes (RFC 8461 §3.3 suggests 64 KiB).
     :param cache_size: maximum number of cached policies (LRU).
     :param clock: ``time.time``-like, for tests.
+    :param shared_cache: a :class:`SharedStsCache` (the fleet's store), or None.
     """
 
     def __init__(
@@ -211,8 +343,13 @@ class MtaStsClient:
         max_policy_size: int = MAX_POLICY_SIZE,
         cache_size: int = 10000,
         clock: Callable[[], float] = time.time,
+        shared_cache: SharedStsCache | None = None,
     ) -> None:
         self._dns = dns
+        self._clock = clock
+        self._shared = shared_cache
+        self._warming: set[str] = set()
+        self._tasks: set[asyncio.Task] = set()
         self._ca_file = ca_file
         self._override = dict(address_override or {})
         self._timeout = fetch_timeout
@@ -223,12 +360,47 @@ class MtaStsClient:
 
     # -- cache -------------------------------------------------------------------------------
     def cached(self, domain: str) -> StsLookup | None:
-        """The cached, unexpired policy for ``domain`` (no I/O), or None."""
+        """The cached, unexpired policy for ``domain`` (no I/O), or None.  With a shared cache,
+        a miss asks the store in the background (when called on an event loop), so the next
+        call finds what another host fetched."""
         entry = self._cache.get(domain)
         if entry is None:
+            if self._shared is not None and domain not in self._warming:
+                try:
+                    loop = asyncio.get_running_loop()
+                except RuntimeError:
+                    return None
+                self._warming.add(domain)
+                task = loop.create_task(self._from_shared(domain))
+                self._tasks.add(task)
+                task.add_done_callback(lambda t, d=domain: (self._tasks.discard(t),
+                                                            self._warming.discard(d)))
             return None
         policy_id, policy = entry
         return StsLookup(domain, "cached", policy, policy_id)
+
+    async def cached_shared(self, domain: str) -> StsLookup | None:
+        """The cached policy for ``domain``: the local cache, else the shared one."""
+        return self._local(domain) or await self._from_shared(domain)
+
+    async def _from_shared(self, domain: str, *, want_id: str | None = None) -> StsLookup | None:
+        """The shared entry (installed in the local cache), if any — and if it has the policy
+        id ``want_id`` when one is given."""
+        if self._shared is None:
+            return None
+        got = await self._shared.get(domain, self._clock())
+        if got is None:
+            return None
+        policy_id, policy, expires_at, host = got
+        ttl = expires_at - self._clock()
+        if ttl <= 0 or (want_id is not None and policy_id != want_id):
+            return None
+        self._cache.put(domain, (policy_id, policy), ttl=ttl)
+        return StsLookup(domain, "cached", policy, policy_id, detail=f"shared cache ({host})")
+
+    def _local(self, domain: str) -> StsLookup | None:
+        entry = self._cache.get(domain)
+        return None if entry is None else StsLookup(domain, "cached", entry[1], entry[0])
 
     def _store(self, domain: str, policy_id: str, policy: StsPolicy) -> None:
         self._cache.put(domain, (policy_id, policy), ttl=policy.max_age)  # max_age 0: forgotten
@@ -236,7 +408,10 @@ class MtaStsClient:
     # -- lookup ------------------------------------------------------------------------------
     async def lookup(self, domain: str) -> StsLookup:
         """Policy for ``domain`` (normalised A-label form), following RFC 8461 §5.1 caching."""
-        cached = self.cached(domain)
+        cached = self._local(domain)
+        asked_shared = False
+        if cached is None and self._shared is not None:
+            cached, asked_shared = await self._from_shared(domain), True
         try:
             records = await self._dns.txt(f"_mta-sts.{domain}")
         except Exception as exc:  # DNS temporary failure: a cached policy survives it
@@ -247,6 +422,10 @@ class MtaStsClient:
             return cached if cached else StsLookup(domain, "none")
         if cached and cached.policy_id == policy_id:
             return cached
+        if self._shared is not None and not asked_shared:
+            shared = await self._from_shared(domain, want_id=policy_id)  # fetched elsewhere
+            if shared is not None:
+                return shared
         try:
             body = await asyncio.wait_for(self._fetch(domain), self._timeout)
             policy = parse_sts_policy(body)
@@ -256,6 +435,8 @@ class MtaStsClient:
         except StsError as err:
             return self._fetch_failed(domain, cached, policy_id, err)
         self._store(domain, policy_id, policy)
+        if self._shared is not None:
+            self._shared.put(domain, policy_id, body, policy, self._clock())
         return StsLookup(domain, "fetched", policy, policy_id)
 
     def _fetch_failed(self, domain: str, cached: StsLookup | None, policy_id: str,

@@ -13,6 +13,12 @@ a follower restart) records the answer the socketmap *served* for each next-hop 
 follower's ``policy_lookup`` reads it there — falling back to the current resolver's
 :meth:`~milterd.outbound.tlspolicy.PolicyResolver.peek` (its cache, the send list) for a domain
 not served since milterd started.
+
+MTA-STS policies are shared by the fleet: each app has one
+:class:`~milterd.outbound.mtasts.SharedStsCache` (:func:`shared_sts_cache`) on the store of the
+running store service (:func:`milterd.store.service.current_cache_store`, looked up at each use,
+so it follows a store restarted on reload; no store running: no shared cache), handed to every
+resolver built for the app — at start and at each reload.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from milterd.core.config import Config
 from milterd.outbound.dns import DnsClient
 from milterd.outbound.maillog_follower import MaillogFollower
 from milterd.outbound.maillog_parser import OutboundResult
-from milterd.outbound.mtasts import MtaStsClient
+from milterd.outbound.mtasts import MtaStsClient, SharedStsCache
 from milterd.outbound.socketmap import SocketmapServer
 from milterd.core.cache import TtlLruCache
 from milterd.outbound.tlspolicy import PolicyAnswer, PolicyResolver, parse_nexthop
@@ -39,10 +45,10 @@ from milterd.policy.names import domain_listed, normalize_dns_name
 log = logging.getLogger("milterd.outbound")
 
 
-def build_resolver(config: Config) -> PolicyResolver:
+def build_resolver(config: Config, shared_sts: SharedStsCache | None = None) -> PolicyResolver:
     ob = config.outbound
     dns = DnsClient(nameservers=list(ob.dns_servers) or None)  # (IP, port) each
-    sts = MtaStsClient(dns, ca_file=ob.mtasts_ca_file)
+    sts = MtaStsClient(dns, ca_file=ob.mtasts_ca_file, shared_cache=shared_sts)
     return PolicyResolver(config.send_entries, config.tls.min_version, dns, sts,
                           send_terms={p.entry: (p.server_names, p.min_version)
                                       for p in config.partners if p.send},
@@ -118,14 +124,37 @@ def served_policies(app: App) -> ServedPolicies:
         return served
 
 
+_SHARED_STS: "weakref.WeakKeyDictionary[App, SharedStsCache]" = weakref.WeakKeyDictionary()
+
+
+def shared_sts_cache(app: App) -> SharedStsCache:
+    """The app's shared MTA-STS cache (created on first use; the store is looked up per call)."""
+    from milterd.store.service import current_cache_store
+
+    with _SERVED_LOCK:
+        cache = _SHARED_STS.get(app)
+        if cache is None:
+            ref = weakref.ref(app)
+
+            def store() -> Any:
+                a = ref()
+                return current_cache_store(a) if a is not None else None
+
+            cache = _SHARED_STS[app] = SharedStsCache(store, app.config.store.host_name)
+        return cache
+
+
 class _SocketmapService:
-    def __init__(self, handle: Any, served: ServedPolicies):
+    def __init__(self, handle: Any, served: ServedPolicies, app: App):
         self.handle = handle
         self.served = served
+        self.app = app
 
     def reconfigure(self, config: Config) -> None:
         server = self.handle.server
-        server.resolver = build_resolver(config)
+        shared = shared_sts_cache(self.app)
+        shared.host = config.store.host_name
+        server.resolver = build_resolver(config, shared)
         server.tlsrpt = config.socketmap_tlsrpt
 
     def stop(self) -> None:
@@ -136,12 +165,13 @@ class _SocketmapService:
 def start_socketmap(app: App, config: Config) -> _SocketmapService:
     assert config.socketmap_listen is not None
     served = served_policies(app)
-    server = SocketmapServer(build_resolver(config), config.socketmap_listen.host,
+    server = SocketmapServer(build_resolver(config, shared_sts_cache(app)),
+                             config.socketmap_listen.host,
                              config.socketmap_listen.port, map_name="tlspolicy",
                              tlsrpt=config.socketmap_tlsrpt, on_answer=served.record)
     handle = server.start_in_thread()
     served.register(server)
-    return _SocketmapService(handle, served)
+    return _SocketmapService(handle, served, app)
 
 
 def count_result(app: App, result: OutboundResult) -> None:
