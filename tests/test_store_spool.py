@@ -471,3 +471,31 @@ def test_kill9_of_milterd_run_with_records_pending(tmp_path, milterd_factory):
     keys = [r.key for r in stored(url)]
     assert len(keys) == 1500 == len(set(keys))
     assert proc.log_text().count("does not answer") == 1
+
+
+def test_a_hanging_store_call_does_not_hold_up_stop_or_the_successor(tmp_path, sqlite_url):
+    """stop() gives up on a shipper stuck in a store call; the stuck one saves nothing after
+    (its successor owns the state now), and nothing is stored twice or lost."""
+    journal = tmp_path / "tlsrpt-sessions.jsonl"
+    append(journal, [session(i) for i in range(20)])
+    release = threading.Event()
+    store = open_store(sqlite_url)
+
+    class Hanging:
+        def put_records(self, records):
+            release.wait(30)
+            return store.put_records(records)
+
+    stuck = make_shipper(tmp_path, Holder(Hanging()), batch=5).start()
+    wait_until(lambda: stuck._loaded, what="the stuck shipper loaded")
+    t0 = time.monotonic()
+    stuck.stop(timeout=0.3)
+    assert time.monotonic() - t0 < 2
+    successor = make_shipper(tmp_path, Holder(store), batch=5)
+    run_until_idle(successor)
+    saved = (tmp_path / "ship.state").read_text()
+    release.set()
+    wait_until(lambda: not stuck._thread.is_alive(), what="the stuck call to return")
+    assert (tmp_path / "ship.state").read_text() == saved
+    keys = [r.key for r in stored(sqlite_url)]
+    assert len(keys) == 20 == len(set(keys))

@@ -173,8 +173,6 @@ class StoreService:
                 s.notify()
             break
         while not self._stop.wait(PING_INTERVAL):
-            if self.health.in_outage:
-                continue          # the shippers find out when it is back (and catch up first)
             try:
                 self.store.ping()
             except StoreError as exc:

@@ -322,6 +322,7 @@ class Shipper:
         self._stop = threading.Event()
         self._lock = threading.RLock()
         self._thread: threading.Thread | None = None
+        self._abandoned = False
         self.shipped_total = 0           # lines shipped by this object (tests, logs)
 
     # -- public ------------------------------------------------------------------------------
@@ -358,12 +359,19 @@ class Shipper:
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
         self._wake.set()
+        self.health.metrics.remove_source(self)
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
+                # It saves nothing any more (a successor may own the state file now) and
+                # closes its files when the call returns; the batch is shipped again.
+                self._abandoned = True
                 log.warning("store: the %s shipper did not stop within %g s (a store call is "
                             "hanging); its batch is shipped again next time", self.name, timeout)
-        self.health.metrics.remove_source(self)
+                return
+        self._close()
+
+    def _close(self) -> None:
         with self._lock:
             for s in self._segs:
                 s.close()
@@ -372,6 +380,13 @@ class Shipper:
 
     # -- the loop ----------------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            if self._abandoned:
+                self._close()
+
+    def _loop(self) -> None:
         delay = 0.0
         while not self._stop.is_set():
             try:
@@ -413,6 +428,8 @@ class Shipper:
                 if not isinstance(exc, StoreError):
                     log.exception("store: applying a %s batch failed", self.name)
                 self.health.failed(exc)
+                return "failed"
+            if self._abandoned:
                 return "failed"
             seg.offset = end
             seg.lines -= n
