@@ -25,9 +25,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_check_config)
 
     p = sub.add_parser("partners", help="print the effective terms of every partner "
-                       "(lists, [partners] tables and defaults merged)")
+                       "(lists, [partners] tables and defaults merged) and the certificates "
+                       "last seen from it; `partners pin DOMAIN`: its pin lines")
     p.add_argument("-c", "--config", help="TOML config file (default: the embedded default)")
     p.add_argument("--json", action="store_true", help="JSON instead of TOML tables")
+    p.add_argument("--no-store", action="store_true",
+                   help="the terms only: do not read the certificate history from [store] url")
+    p.add_argument("what", nargs="*", metavar="pin DOMAIN",
+                   help="pin DOMAIN: print the pin lines of the certificates last seen from "
+                        "DOMAIN (inbound and outbound), for its pins = [...]")
     p.set_defaults(func=_cmd_partners)
 
     p = sub.add_parser("default-config", help="print the embedded default config")
@@ -91,7 +97,25 @@ def _cmd_partners(args: argparse.Namespace) -> int:
         for e in exc.errors:
             print(e, file=sys.stderr)
         return 2
-    sys.stdout.write(render_partners(config, as_json=args.json))
+    from milterd.core.partners import load_history, render_partners_seen, render_pins
+
+    what = list(args.what or [])
+    if what and (what[0] != "pin" or len(what) != 2):
+        print("usage: milterd partners [-c CONFIG] [--json] | milterd partners [-c CONFIG] "
+              "pin DOMAIN", file=sys.stderr)
+        return 2
+    if args.no_store and not what:
+        sys.stdout.write(render_partners(config, as_json=args.json))
+        return 0
+    history, note = load_history(config)
+    if what:
+        if history is None:
+            print(f"milterd partners pin: {note}", file=sys.stderr)
+            return 2
+        text, status = render_pins(config, what[1], history)
+        (sys.stdout if status == 0 else sys.stderr).write(text)
+        return status
+    sys.stdout.write(render_partners_seen(config, history, note, as_json=args.json))
     return 0
 
 

@@ -355,3 +355,175 @@ def partner_notes(config: Any) -> list[str]:
                          "Sendmail cannot, so mail from this partner through Sendmail passes "
                          "only by a cert-sha256 pin or a trusted certificate, else pin_mismatch")
     return notes
+
+
+# -- what the partner certificate watch saw (#18): `milterd partners`, `milterd partners pin` ----
+
+def load_history(config: Any) -> tuple[dict[str, list] | None, str | None]:
+    """The watch's observations from ``[store] url`` (read only): ``({"certs": […], "hosts":
+    […], "probes": […]}, None)``, or ``(None, note)`` when the store is absent or does not
+    answer (a one-line reason; the caller shows the terms alone)."""
+    import os
+
+    from milterd.store.api import StoreError, open_store, redact
+    from milterd.watch.state import HOST_KIND, KIND, PROBE_KIND
+
+    url = config.store.url
+    if url.startswith("sqlite:///") and not os.path.exists(url[len("sqlite://"):]):
+        return None, f"no certificate history: the store {redact(url)} does not exist yet"
+    store = None
+    try:
+        store = open_store(url)
+        if store.schema_version() < 1:
+            return None, f"no certificate history: the store {redact(url)} has no schema yet"
+        return {"certs": store.observations(KIND), "hosts": store.observations(HOST_KIND),
+                "probes": store.observations(PROBE_KIND)}, None
+    except StoreError as exc:
+        return None, f"no certificate history: the store {redact(url)} does not answer ({exc})"
+    finally:
+        if store is not None:
+            try:
+                store.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+
+def _utc(ts: float | None) -> str:
+    import datetime as dt
+
+    if ts is None:
+        return "?"
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def seen_for(history: dict[str, list], entry: str) -> dict[str, Any]:
+    """What the watch saw of ``entry``: per direction the last certificate (its observation,
+    with ``hosts``: host -> (count, last_seen)), and the probes (one per host)."""
+    out: dict[str, Any] = {}
+    for direction in ("inbound", "outbound"):
+        prefix = f"{entry}|{direction}|"
+        rows = [o for o in history["certs"] if o.key.startswith(prefix)]
+        if not rows:
+            continue
+        last = max(rows, key=lambda o: (o.last_seen, o.key))
+        hosts = {o.key[len(last.key) + 1:]: (o.count, o.last_seen)
+                 for o in history["hosts"] if o.key.startswith(last.key + "|")}
+        out[direction] = {"observation": last, "hosts": hosts, "certificates": len(rows)}
+    probes = [o for o in history["probes"] if o.key.startswith(entry + "|")]
+    if probes:
+        out["probes"] = sorted(probes, key=lambda o: -o.last_seen)
+    return out
+
+
+def _seen_lines(seen: dict[str, Any]) -> list[str]:
+    lines = []
+    for direction in ("inbound", "outbound"):
+        s = seen.get(direction)
+        if s is None:
+            continue
+        o = s["observation"]
+        a = o.attrs
+        hosts = ", ".join(f"{h} ({c})" for h, (c, _) in sorted(s["hosts"].items())) or \
+            ", ".join(dict.fromkeys((o.first_host, o.last_host)))
+        result = a.get("result") or "?"
+        if a.get("reason"):
+            result += f" ({a['reason']})"
+        lines.append(f"# {direction}: last certificate seen {_utc(o.last_seen)} "
+                     f"(first {_utc(o.first_seen)}, {o.count} times; hosts: {hosts}; "
+                     f"{s['certificates']} certificate(s) known)")
+        lines.append(f"#   subject: {a.get('subject') or '?'}")
+        lines.append(f"#   issuer: {a.get('issuer') or '?'}")
+        if a.get("cert_sha256"):
+            lines.append(f"#   {CERT_PIN_PREFIX}{a['cert_sha256']}")
+        if a.get("pubkey_sha256"):
+            lines.append(f"#   {KEY_PIN_PREFIX}{a['pubkey_sha256']}")
+        if a.get("not_after"):
+            lines.append(f"#   not after: {_utc(a['not_after'])}")
+        via = a.get("mx_host") or a.get("mta") or "?"
+        lines.append(f"#   last result: {result} (via {via}, by {o.last_host})")
+    for p in seen.get("probes", []):
+        a = p.attrs
+        verdict = "would pass" if a.get("ok") else "would fail"
+        lines.append(f"# outbound probe by {p.last_host} at {_utc(p.last_seen)}: {verdict}")
+        for r in a.get("results", [])[:5]:
+            what = "ok" if r.get("ok") else f"{r.get('reason')}: {r.get('detail')}"
+            lines.append(f"#   {r.get('mx_host') or '(MX lookup)'} "
+                         f"{r.get('address') or ''}: {what}".replace("  ", " "))
+    return lines
+
+
+def _seen_json(seen: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for direction in ("inbound", "outbound"):
+        s = seen.get(direction)
+        if s is None:
+            continue
+        o = s["observation"]
+        out[direction] = {**o.attrs, "first_seen": o.first_seen, "last_seen": o.last_seen,
+                          "count": o.count, "first_host": o.first_host,
+                          "last_host": o.last_host, "certificates": s["certificates"],
+                          "hosts": {h: {"count": c, "last_seen": t}
+                                    for h, (c, t) in s["hosts"].items()}}
+    if seen.get("probes"):
+        out["probes"] = [{"host": p.last_host, "at": p.last_seen, **p.attrs}
+                         for p in seen["probes"]]
+    return out
+
+
+def render_partners_seen(config: Any, history: dict[str, list] | None, note: str | None, *,
+                         as_json: bool = False) -> str:
+    """:func:`render_partners` plus, per partner, what the watch saw (``history`` from
+    :func:`load_history`); without history the terms alone and ``note``."""
+    import json
+
+    if as_json:
+        out = json.loads(render_partners(config, as_json=True))
+        for item in out:
+            item["seen"] = _seen_json(seen_for(history, item["partner"])) if history else None
+        doc: Any = out if note is None else {"partners": out, "note": note}
+        return json.dumps(doc, indent=2) + "\n"
+    text = render_partners(config)
+    if not config.partners:
+        return text
+    blocks = text.rstrip("\n").split("\n\n")
+    head, tables = blocks[0], blocks[1:]
+    lines = [head + (f"\n# {note}" if note else "")]
+    for p, block in zip(config.partners, tables):
+        extra = _seen_lines(seen_for(history, p.entry)) if history else []
+        if history and not extra:
+            extra = ["# no certificate seen yet"]
+        lines.append("\n".join([block, *extra]))
+    return "\n\n".join(lines) + "\n"
+
+
+def render_pins(config: Any, domain: str, history: dict[str, list]) -> tuple[str, int]:
+    """``milterd partners pin DOMAIN``: the pin lines of the certificates last seen from the
+    partner (inbound and outbound), for ``pins = [...]``; (text, exit status: 0, 1 = nothing
+    seen, 2 = not a partner)."""
+    from milterd.policy.names import normalize_dns_name
+
+    wanted = normalize_dns_name(domain.lstrip(".")) or domain.lower()
+    partners = [p for p in config.partners if p.domain == wanted]
+    if not partners:
+        return f"# {domain}: not a configured partner\n", 2
+    lines: list[str] = []
+    for p in partners:
+        seen = seen_for(history, p.entry)
+        for direction in ("inbound", "outbound"):
+            s = seen.get(direction)
+            if s is None:
+                continue
+            o = s["observation"]
+            a = o.attrs
+            lines.append(f"# {p.entry} {direction}: {a.get('subject') or '?'} (issuer "
+                         f"{a.get('issuer') or '?'}), last seen {_utc(o.last_seen)} by "
+                         f"{o.last_host}")
+            if a.get("cert_sha256"):
+                lines.append(f'"{CERT_PIN_PREFIX}{a["cert_sha256"]}",')
+            if a.get("pubkey_sha256"):
+                lines.append(f'"{KEY_PIN_PREFIX}{a["pubkey_sha256"]}",')
+    if not lines:
+        return f"# {domain}: no certificate seen yet\n", 1
+    head = (f'# paste into [partners."{partners[0].entry}"] pins = [ … ] (keep the old pins '
+            "until the partner has switched over)")
+    return "\n".join([head, *lines]) + "\n", 0
