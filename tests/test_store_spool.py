@@ -21,7 +21,7 @@ from milterd.lab.metrics import parse, scrape
 from milterd.lab.net import free_port
 from milterd.lab.postgres import PostgresLab
 from milterd.lab.wait import wait_until
-from milterd.store.api import Record, StoreError, open_store
+from milterd.store.api import Record, open_store
 from milterd.store.service import TLSRPT_SHIPPER_STATE, current_store, start_store_services
 from milterd.store.spool import (TLSRPT_KIND, Shipper, Spool, StoreHealth, StoreMetrics,
                                  records_apply, tlsrpt_converter)
