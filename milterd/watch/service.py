@@ -46,7 +46,7 @@ log = logging.getLogger("milterd.watch")
 REFRESH_INTERVAL = 60.0     # seconds between reads of the fleet's history
 SEED_POLL = 0.25            # seconds between tries while the first history is not in
 PROBE_CONCURRENCY = 2       # partners probed at the same time
-FIRST_SPREAD = 60.0         # the first probe of a partner: within min(interval/10, this) s
+FIRST_SPREAD = 10.0         # the first probe of a partner: within min(interval/10, this) s
 STOP_TIMEOUT = 5.0
 
 
@@ -133,7 +133,8 @@ class WatchService:
                         self._failing = False
                         log.info("partner watch: certificate history read again")
                     if added:
-                        log.debug("partner watch: %d certificates from the fleet", added)
+                        log.info("partner watch: %d certificate(s) new to this host learnt "
+                                 "from the fleet's history", added)
             if not self.state.seeded and \
                     self.state.clock() - self.state.created > st.SEED_GRACE:
                 log.info("partner watch: no store answered within %g s: certificates are "
@@ -147,6 +148,8 @@ class WatchService:
     def _probe_thread(self) -> None:
         try:
             asyncio.run(self._probe_main())
+        except asyncio.CancelledError:   # stop()
+            pass
         except Exception:  # noqa: BLE001 - a bug here must not take anything else down
             log.exception("partner watch: the probe scheduler stopped")
 
