@@ -12,6 +12,12 @@ milterd's hot path, without the MTA) on generated messages, every sender distinc
   matches the second name), ``client_networks`` (IPv6, the client in the last network), key and
   certificate pins that do not match, a per-partner TLS minimum.
 
+and, with the partner certificate watch (#18) on, ``list+watch`` / ``table+watch``: the same plus
+the ``partner_watch`` plugin's ``milterd_message_done`` (a known certificate: the common case —
+the sighting updates last_seen and is queued for the store; a queue put like the store spool's
+never-blocking submit, with the full :func:`milterd.store.service.submit` lookup path), and
+``uncovered+watch`` (the plugin's early return).
+
 Prints microseconds per message (median of rounds) and the ratio to ``list``.
 """
 
@@ -24,6 +30,7 @@ import time
 from milterd.core.config import parse_config
 from milterd.session import CertVerify, Connection, Message, TlsFacts
 from milterd_plugins import domain_security as plugin
+from milterd_plugins import partner_watch
 
 CONFIG = parse_config("""
 [domain_security]
@@ -40,11 +47,52 @@ CASES = {
     "uncovered": ("fabrikam.test", "mail.fabrikam.test", "192.0.2.7"),
     "list": ("woodgrovebank.test", "mail.woodgrovebank.test", "192.0.2.7"),
     "table": ("hosted.test", "mx.hoster.test", "IPv6:2001:db8::25"),
+    "uncovered+watch": ("fabrikam.test", "mail.fabrikam.test", "192.0.2.7"),
+    "list+watch": ("woodgrovebank.test", "mail.woodgrovebank.test", "192.0.2.7"),
+    "table+watch": ("hosted.test", "mx.hoster.test", "IPv6:2001:db8::25"),
 }
 
 
+def _watch_app():
+    """An app with a running watch state (history known) whose store submit is the real
+    :func:`milterd.store.service.submit` into a spool-like never-blocking queue."""
+    import queue
+
+    from milterd.core.app import App
+    from milterd.store import service as store_service
+    from milterd.watch import state as st
+
+    app = App(CONFIG)
+
+    class _Spool:                        # Spool.submit: a bounded queue's put_nowait
+        def __init__(self) -> None:
+            self.q: queue.Queue = queue.Queue()
+
+        def submit(self, item: dict) -> bool:
+            self.q.put_nowait(item)
+            return True
+
+    class _Service:
+        spools = {st.SPOOL: _Spool()}
+
+    store_service._SERVICES[app] = _Service()  # type: ignore[assignment]
+    state = st.WatchState(st.watch_metrics(app), CONFIG,
+                          submit=lambda item: store_service.submit(app, st.SPOOL, item),
+                          host="bench")
+    state.merge_history([])
+    st.set_current_state(app, state)
+    return app, _Service.spools[st.SPOOL].q
+
+
+WATCH_APP = None
+
+
 def run(case: str, n: int, salt: int) -> float:
+    global WATCH_APP
     domain, cn, client = CASES[case]
+    watch = case.endswith("+watch")
+    if watch and WATCH_APP is None:
+        WATCH_APP = _watch_app()
     tls = TlsFacts(version="TLSv1.3", cipher="TLS_AES_256_GCM_SHA384", bits=256,
                    verify=CertVerify.OK, subject_cn=cn, issuer="Lab CA",
                    fingerprint_sha256="EF" * 32, pubkey_sha256="01" * 32, dialect="postfix")
@@ -54,13 +102,25 @@ def run(case: str, n: int, salt: int) -> float:
         m = Message(sender=f"<u{salt}x{i}@{domain}>")
         m.headers.append(("From", f"User {i} <u{salt}x{i}@{domain}>"))
         msgs.append(m)
-    start = time.perf_counter()
-    for m in msgs:
-        plugin.milterd_mail_from(config=CONFIG, connection=conn, message=m)
-        plugin.milterd_end_of_message(config=CONFIG, connection=conn, message=m)
-    elapsed = time.perf_counter() - start
+    if watch:
+        app, q = WATCH_APP
+        done = partner_watch.milterd_message_done
+        start = time.perf_counter()
+        for m in msgs:
+            plugin.milterd_mail_from(config=CONFIG, connection=conn, message=m)
+            plugin.milterd_end_of_message(config=CONFIG, connection=conn, message=m)
+            done(app=app, connection=conn, message=m)
+        elapsed = time.perf_counter() - start
+        with q.mutex:                    # the spool's writer thread drains it (not timed)
+            q.queue.clear()
+    else:
+        start = time.perf_counter()
+        for m in msgs:
+            plugin.milterd_mail_from(config=CONFIG, connection=conn, message=m)
+            plugin.milterd_end_of_message(config=CONFIG, connection=conn, message=m)
+        elapsed = time.perf_counter() - start
     last = msgs[-1].stash.get(plugin.ds.RESULT_KEY)
-    expect = "none" if case == "uncovered" else "pass"
+    expect = "none" if case.startswith("uncovered") else "pass"
     status = last.status if last is not None else "none"
     assert status == expect, (case, last)
     return elapsed / n * 1e6
@@ -81,7 +141,7 @@ def main() -> int:
           "rounds, median):")
     for case, values in results.items():
         med = statistics.median(values)
-        print(f"  {case:<10} {med:7.2f} µs   x{med / base:.2f} of list")
+        print(f"  {case:<16} {med:7.2f} µs   x{med / base:.2f} of list")
     return 0
 
 
