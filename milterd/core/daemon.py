@@ -122,6 +122,7 @@ class Daemon:
         self.app.dispatcher = self._build(config)
         self._config_metrics(config)
         self._services: list[_Service] = []
+        self._store: Any = None   # milterd.store.service.StoreService once side servers run
         self._reload_lock = threading.Lock()
 
     def _build(self, config: Config) -> Dispatcher:
@@ -198,6 +199,8 @@ class Daemon:
             for service in self._services:
                 if service.name not in changed and hasattr(service.handle, "reconfigure"):
                     service.handle.reconfigure(new_config)
+            if self._store is not None:
+                self._store.reconfigure(new_config)
             set_level(new_config)
             self._config_metrics(new_config)
             self.app.dispatcher = dispatcher  # atomic swap; open sessions keep their own
@@ -284,6 +287,11 @@ class Daemon:
             for name in _LISTENERS:
                 if _settings(name, c) is not None:
                     self._services.append(self._start_listener(name, c))
+            # The store (schema, shipping the TLS-RPT journal, spools) starts last and never
+            # blocks the start: a down store is retried in the background.
+            from milterd.store.service import start_store_services
+
+            self._store = start_store_services(self.app, c)
         except BaseException:
             self._stop_side_servers()
             raise
@@ -338,6 +346,12 @@ class Daemon:
             log.exception("while stopping %s", service.name)
 
     def _stop_side_servers(self) -> None:
+        if self._store is not None:
+            try:
+                self._store.stop()
+            except Exception:  # noqa: BLE001 - stopping must go on
+                log.exception("while stopping the store services")
+            self._store = None
         for s in self._services:
             self._stop(s)
         self._services.clear()
