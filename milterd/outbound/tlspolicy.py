@@ -349,16 +349,19 @@ class PolicyResolver:
         except (DnsTempError, asyncio.TimeoutError) as exc:
             log.info("TLS policy lookup for %s: DNS failure (%s)", hop.host,
                      exc if isinstance(exc, DnsTempError) else "deadline")
-            return self._dns_failure(hop)
+            return await self._dns_failure(hop)
         except Exception:
             log.exception("TLS policy lookup for %s failed", hop.host)
             return PolicyAnswer("temp", "", "none", hop.host, reason="internal error")
         self._cache_put(ck, answer, ttl)
         return answer
 
-    def _dns_failure(self, hop: NextHop) -> PolicyAnswer:
+    async def _dns_failure(self, hop: NextHop) -> PolicyAnswer:
         if self._sts is not None and not hop.bracketed and not hop.is_ip:
-            cached = self._sts.cached(hop.host)
+            # The fleet's shared cache too (RFC 8461 §5.1): a host that just restarted or joined
+            # serves a policy another host fetched, on the first lookup, while DNS fails.
+            shared = getattr(self._sts, "cached_shared", None)
+            cached = self._sts.cached(hop.host) or (await shared(hop.host) if shared else None)
             if cached is not None and cached.policy is not None and cached.policy.mode == "enforce":
                 return self.sts_answer(hop.host, cached, self._sts_testing)
         if self._on_dns_error == "notfound":
