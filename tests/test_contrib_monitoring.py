@@ -22,19 +22,7 @@ RULE_FILES = ("milterd-rules.yml", "milterd-fleet-rules.yml", "milterd-watch-rul
 # name from here once milterd exports it; a name that ends up spelled differently must be changed
 # in the rule file that uses it, its test and the dashboard.  test_pending_metrics reports (skip)
 # which are still missing.
-PENDING_METRICS = frozenset({
-    "milterd_store_up",                      # gauge 0/1: the store answered the last write/ping
-    "milterd_store_spooled_records",         # gauge: records waiting in the local spool
-    "milterd_store_write_errors_total",      # counter: failed writes to the store
-    # {partner, direction}, direction = inbound | outbound:
-    "milterd_partner_certificate_changes_total",                # counter: a certificate never seen
-    "milterd_partner_certificate_expiry_timestamp_seconds",     # gauge: notAfter of the newest one
-    "milterd_partner_certificate_last_seen_timestamp_seconds",  # gauge
-    "milterd_partner_certificate_pin_match",                    # gauge 1/0, pinned partners only
-    # {partner}:
-    "milterd_partner_probe_success",            # gauge 1/0: the last probe would pass the terms
-    "milterd_partner_probe_timestamp_seconds",  # gauge: when the last probe ran
-})
+PENDING_METRICS: frozenset[str] = frozenset()  # every metric the rules use is exported now
 # The partner certificate watch's metrics (issue #18): all of them on the dashboard's Partners row.
 PARTNER_METRICS = frozenset({
     "milterd_partner_certificate_changes_total",
@@ -95,7 +83,12 @@ def _exported_names() -> set[str]:
     names = set()
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"),
                 "gauge": ("",)}
-    for metric in Metrics().registry.collect():
+    metrics = Metrics()
+    # The store's metrics are registered per daemon by its store service (milterd.store.service).
+    from milterd.store.spool import StoreMetrics
+
+    StoreMetrics(metrics.registry)
+    for metric in metrics.registry.collect():
         names.update(metric.name + s for s in suffixes.get(metric.type, ("",)))
     # `milterd tlsrpt send` writes <state_dir>/tlsrpt.prom, the daemon's /metrics passes it on
     # (TlsRptFileCollector): the families named in the writer's # TYPE lines.

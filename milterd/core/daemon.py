@@ -123,6 +123,7 @@ class Daemon:
         self._config_metrics(config)
         self._services: list[_Service] = []
         self._store: Any = None   # milterd.store.service.StoreService once side servers run
+        self._watch: Any = None   # milterd.watch.service (certificate history, MX probes)
         self._reload_lock = threading.Lock()
 
     def _build(self, config: Config) -> Dispatcher:
@@ -201,6 +202,8 @@ class Daemon:
                     service.handle.reconfigure(new_config)
             if self._store is not None:
                 self._store.reconfigure(new_config)
+            if self._watch is not None:
+                self._watch.reconfigure(new_config)
             set_level(new_config)
             self._config_metrics(new_config)
             self.app.dispatcher = dispatcher  # atomic swap; open sessions keep their own
@@ -290,8 +293,11 @@ class Daemon:
             # The store (schema, shipping the TLS-RPT journal, spools) starts last and never
             # blocks the start: a down store is retried in the background.
             from milterd.store.service import start_store_services
+            from milterd.watch.service import prepare_watch, start_watch_services
 
+            prepare_watch(self.app, c)  # the watch's spool: declared before the store starts
             self._store = start_store_services(self.app, c)
+            self._watch = start_watch_services(self.app, c)
         except BaseException:
             self._stop_side_servers()
             raise
@@ -346,6 +352,12 @@ class Daemon:
             log.exception("while stopping %s", service.name)
 
     def _stop_side_servers(self) -> None:
+        if self._watch is not None:  # before the store: it feeds the store's spool
+            try:
+                self._watch.stop()
+            except Exception:  # noqa: BLE001 - stopping must go on
+                log.exception("while stopping the partner watch")
+            self._watch = None
         if self._store is not None:
             try:
                 self._store.stop()

@@ -59,6 +59,11 @@ class Metrics:
         self.build_info = Gauge("milterd_build_info", "Build information (libmilter: threads | "
                                 "pool, see README Performance)", ["version", "libmilter"],
                                 registry=r)
+        # -- the partner certificate watch (#18): {partner, direction} and {partner} --------
+        from milterd.watch.state import define_metrics
+
+        for attr, metric in define_metrics(r).items():
+            setattr(self, attr, metric)
         for verdict in ("accept", "reject", "tempfail"):
             self.messages.labels(verdict=verdict)  # export zeros: alerts need the series
         # Children of labelled metrics, cached: labels() validates and locks on every call, too
