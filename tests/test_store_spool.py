@@ -23,8 +23,9 @@ from milterd.lab.postgres import PostgresLab
 from milterd.lab.wait import wait_until
 from milterd.store.api import Record, open_store
 from milterd.store.service import TLSRPT_SHIPPER_STATE, current_store, start_store_services
-from milterd.store.spool import (TLSRPT_KIND, Shipper, Spool, StoreHealth, StoreMetrics,
-                                 records_apply, tlsrpt_converter)
+from milterd.store.spool import (HOST_KIND, TLSRPT_KIND, WATERMARK_NS, Shipper, Spool,
+                                 StoreHealth, StoreMetrics, records_apply, tlsrpt_converter,
+                                 watermark_writer)
 from prometheus_client import CollectorRegistry, generate_latest
 
 HOST = "mx1.test"
@@ -349,6 +350,102 @@ def test_spool_compacts_and_survives_restart(tmp_path, sqlite_url):
     spool.stop()
 
 
+# -- the watermark ---------------------------------------------------------------------------------
+def test_watermark_only_when_caught_up_never_back_and_throttled(tmp_path, sqlite_url):
+    """The watermark is written after a pass that found the journal fully shipped — never while
+    records wait (the store down) — with the clock's time, never going back; after shipping at
+    once (then at most once a second), while idle every caught_up_every seconds."""
+    from support import FakeClock
+
+    clock = FakeClock(1_772_000_000.0)
+    marks: list[float] = []
+    fail = []
+
+    def caught_up(ts):
+        if fail:
+            raise fail[0]
+        marks.append(ts)
+
+    store = open_store(sqlite_url)
+    holder = Holder(store)
+    journal = tmp_path / "tlsrpt-sessions.jsonl"
+    append(journal, [session(i) for i in range(30)])
+    shipper = make_shipper(tmp_path, holder, batch=10, caught_up=caught_up,
+                           caught_up_every=3600, clock=clock)
+    assert run_until_idle(shipper) == ["shipped"] * 3 + ["idle"]
+    assert marks == [clock.now] and shipper.watermark == clock.now   # right after the backlog
+    assert len(stored(sqlite_url)) == 30
+    clock.now += 10
+    assert shipper.step() == "idle" and len(marks) == 1       # idle, not due (every 3600 s)
+
+    # the store goes down with records waiting: no watermark while they wait
+    holder.store = None
+    append(journal, [session(i) for i in range(30, 40)])
+    clock.now += 5000
+    assert shipper.step() == "failed" and shipper.step() == "failed"
+    assert len(marks) == 1 and shipper.pending_records == 10
+    holder.store = store
+    time.sleep(1.05)        # WATERMARK_MIN_GAP: at most one a second after shipping
+    assert run_until_idle(shipper) == ["shipped", "idle"]
+    assert marks == [1_772_000_000.0, clock.now]
+
+    # a clock stepped back does not move it back
+    clock.now -= 3000
+    shipper._caught_up_every = 0
+    assert shipper.step() == "idle"
+    assert marks[-1] == marks[-2] and shipper.watermark == marks[-2]
+
+    # a failing watermark write is a failed store write (and retried)
+    from milterd.store.api import StoreError
+
+    fail.append(StoreError("down"))
+    m = shipper.health.metrics
+    before = m.write_errors._value.get()
+    assert shipper.step() == "failed" and m.up._value.get() == 0
+    assert m.write_errors._value.get() == before + 1
+    fail.clear()
+    clock.now += 7000
+    assert shipper.step() == "idle" and marks[-1] == clock.now and m.up._value.get() == 1
+
+
+def test_watermark_writer_roster_once_a_day(tmp_path, sqlite_url):
+    store = open_store(sqlite_url)
+    write = watermark_writer(lambda: store, HOST)
+    day1 = 1_772_323_200.0                                     # 2026-03-01T00:00:00Z
+    for ts in (day1 + 10, day1 + 3600, day1 + 86400 + 5):
+        write(ts)
+    entry = store.cache_get(WATERMARK_NS, HOST, day1 + 86400 + 6)
+    assert json.loads(entry.value) == {"ts": day1 + 86400 + 5} and entry.host == HOST
+    assert entry.expires_at > day1 + 300 * 86400                # far in the future
+    roster = store.records(HOST_KIND, "2026-02-28", "2026-03-03")
+    assert [(r.key, r.day, r.host) for r in roster] == [
+        (f"{HOST}|2026-03-01", "2026-03-01", HOST), (f"{HOST}|2026-03-02", "2026-03-02", HOST)]
+    with pytest.raises(Exception):
+        watermark_writer(lambda: None, HOST)(day1)
+
+
+def test_service_writes_the_watermark_after_shipping(tmp_path, sqlite_url):
+    state = tmp_path / "state"
+    state.mkdir()
+    config = parse_config(f'[outbound]\nmaillog = "{tmp_path}/maillog"\nstate_dir = "{state}"\n'
+                          f'[store]\nurl = "{sqlite_url}"\nhost = "{HOST}"\n')
+    app = fake_app(config)
+    append(state / "tlsrpt-sessions.jsonl", [session(i) for i in range(50)])
+    t0 = time.time()
+    service = start_store_services(app, config)
+    store = open_store(sqlite_url)
+    try:
+        entry = wait_until(lambda: store.cache_get(WATERMARK_NS, HOST, time.time()),
+                           what="the watermark")
+        assert len(stored(sqlite_url)) == 50              # written after the records, not before
+        assert t0 <= json.loads(entry.value)["ts"] <= time.time()
+        today = time.strftime("%Y-%m-%d", time.gmtime(json.loads(entry.value)["ts"]))
+        assert [r.host for r in store.records(HOST_KIND, today)] == [HOST]
+    finally:
+        service.stop()
+        store.close()
+
+
 # -- the service, on a real PostgreSQL -------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pg():
@@ -386,9 +483,10 @@ def test_service_postgres_stopped_under_traffic(tmp_path, pg, caplog):
         assert samples(reg)["milterd_store_up"] == 1
         pg.stop()
         append(journal, [session(i, day="2026-03-02") for i in range(100, 400)])
-        wait_until(lambda: samples(reg).get("milterd_store_write_errors_total", 0) >= 1,
-                   timeout=30, what="a failed write")
-        m = samples(reg)
+        # a failed write (the records' batch, or the watermark written once caught up)
+        m = wait_until(lambda: (lambda m: m.get("milterd_store_write_errors_total", 0) >= 1
+                                and m["milterd_store_spooled_records"] == 300 and m)(
+            samples(reg)), timeout=30, what="a failed write with the records spooled")
         assert m["milterd_store_up"] == 0 and m["milterd_store_spooled_records"] == 300
         # the service restarts (a reload that changes the store's settings) during the outage
         service.reconfigure(parse_config(
@@ -456,9 +554,9 @@ def test_kill9_of_milterd_run_with_records_pending(tmp_path, milterd_factory):
     locker.execute("BEGIN EXCLUSIVE")
     try:
         append(journal, [session(i) for i in range(700, 1500)])
-        wait_until(lambda: scrape(port).get("milterd_store_write_errors_total", 0) >= 1,
-                   timeout=30, what="a failed write while SQLite is locked")
-        m = scrape(port)
+        m = wait_until(lambda: (lambda m: m.get("milterd_store_write_errors_total", 0) >= 1
+                                and m.get("milterd_store_spooled_records") == 800 and m)(
+            scrape(port)), timeout=30, what="a failed write while SQLite is locked")
         assert m["milterd_store_up"] == 0 and m["milterd_store_spooled_records"] == 800
         proc.signal(signal.SIGKILL)
         proc.proc.wait(10)

@@ -8,7 +8,8 @@ them) returns a :class:`StoreService` that
   seconds (``milterd_store_up`` stays true when nothing is written);
 * ships ``<[outbound] state_dir>/tlsrpt-sessions.jsonl`` (the maillog follower's TLS-RPT records)
   into the store as ``tlsrpt-session`` records when ``[outbound] maillog`` is set
-  (:mod:`milterd.store.spool` states the record contract);
+  (:mod:`milterd.store.spool` states the record contract), with this host's watermark and roster
+  record (how far it has shipped: ``milterd tlsrpt send`` waits for every host's);
 * runs the :class:`~milterd.store.spool.Spool`\\ s other features ask for
   (:func:`register_spool` + :func:`submit`: never blocking, from any thread);
 * exposes the store to other services per app: :func:`current_store` (None until the schema is
@@ -31,7 +32,8 @@ from typing import Any, Callable
 
 from milterd.store.api import Store, StoreError, open_store, redact
 from milterd.store.spool import (BACKOFF_MAX, BACKOFF_MIN, Shipper, Spool, StoreHealth,
-                                 StoreMetrics, records_apply, tlsrpt_converter)
+                                 StoreMetrics, records_apply, tlsrpt_converter,
+                                 watermark_writer)
 
 __all__ = ["start_store_services", "StoreService", "current_store", "store_metrics",
            "register_spool", "submit", "SESSIONS_FILE"]
@@ -125,7 +127,8 @@ class StoreService:
             self.shippers.append(Shipper(
                 sdir / SESSIONS_FILE, shipdir / TLSRPT_SHIPPER_STATE,
                 records_apply(lambda: store, tlsrpt_converter(host, sending_ip)), self.health,
-                name="tlsrpt-sessions", gate=self.ready, max_bytes=max_mb << 20).start())
+                name="tlsrpt-sessions", gate=self.ready, max_bytes=max_mb << 20,
+                caught_up=watermark_writer(lambda: store, host)).start())
         with _LOCK:
             wanted = dict(_SPOOLS.get(self.app, {}))
         if wanted and spool_dir:

@@ -64,6 +64,24 @@ Lines that are not a JSON object with a string ``key``, a parseable ``ts`` and a
 ``policy_domain`` are skipped (logged; :func:`~milterd.outbound.tlsrpt.build_report` would skip
 them too).
 
+The watermark (read by ``milterd tlsrpt send``)
+-----------------------------------------------
+A report built at 00:05 UTC must not miss records still waiting in a host's journal (the store
+was down, the host's shipper is behind).  So the TLS-RPT shipper says how far it got: after a
+pass that found the journal fully shipped (every complete line is in the store) it writes
+
+    cache_put("store-watermark", host, json {"ts": <now, Unix seconds>}, expires in a year, …)
+
+— "every record this host made before ts is in the store" — on the first such pass, after each
+pass that shipped something (at most once a second) and every 30 s while idle, never going back.
+While a journal is not caught up (the store is down, a big backlog) the watermark stays where it
+was.  With it, once per host and UTC day, goes a record ``Record("store-host", f"{host}|{day}",
+day, "", host, {"host": host})``: the fleet's roster (which hosts exist), which the cache cannot
+list.  ``tlsrpt send`` holds a day's reports until every host on the roster of the last 7 days,
+and every host with sessions that day, has a watermark past the end of the day (or a limit
+passes).  What the watermark does not cover: records the maillog follower has not written to the
+journal yet (it follows the maillog within a second or so while it runs).
+
 Metrics (:class:`StoreMetrics`, one set per daemon registry): ``milterd_store_up``,
 ``milterd_store_spooled_records``, ``milterd_store_spooled_bytes``,
 ``milterd_store_write_errors_total``, ``milterd_store_spool_dropped_total``.
@@ -87,7 +105,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from milterd.store.api import Record, Store, StoreError, redact
 
 __all__ = ["StoreMetrics", "StoreHealth", "Shipper", "Spool", "tlsrpt_converter",
-           "TLSRPT_KIND", "BATCH"]
+           "TLSRPT_KIND", "BATCH", "WATERMARK_NS", "HOST_KIND", "watermark_writer"]
 
 log = logging.getLogger("milterd.store")
 
@@ -97,6 +115,8 @@ _BATCH_BYTES = 4 << 20         # … and at most this much read at once
 _FP = 256                      # bytes hashed per fingerprint
 _SCAN_CHUNK = 1 << 20
 BACKOFF_MIN, BACKOFF_MAX = 1.0, 60.0
+WATERMARK_EVERY = 30.0         # seconds between two watermarks while nothing is shipped
+WATERMARK_MIN_GAP = 1.0        # … and at least this between two after shipping
 STATE_VERSION = 1
 
 
@@ -233,6 +253,32 @@ def records_apply(store_getter: Callable[[], Store | None],
     return apply
 
 
+WATERMARK_NS = "store-watermark"     # cache: key host, value {"ts": unix seconds}
+HOST_KIND = "store-host"             # records: key HOST|DAY, the fleet's roster
+WATERMARK_TTL = 365 * 86400.0        # "expires far in the future" (rewritten every 30 s)
+
+
+def watermark_writer(store_getter: Callable[[], Store | None],
+                     host: str) -> Callable[[float], None]:
+    """A ``caught_up`` function for the TLS-RPT :class:`Shipper`: the host's roster record
+    (once per UTC day) and its watermark (the module docstring)."""
+    written_day: list[str | None] = [None]
+
+    def write(ts: float) -> None:
+        store = store_getter()
+        if store is None:
+            raise StoreError("no store")
+        day = _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).date().isoformat()
+        if written_day[0] != day:
+            store.put_records([Record(HOST_KIND, f"{host}|{day}", day, "", host,
+                                      {"host": host})])
+            written_day[0] = day
+        store.cache_put(WATERMARK_NS, host, json.dumps({"ts": ts}), ts + WATERMARK_TTL, host,
+                        ts)
+
+    return write
+
+
 # -- the shipper ----------------------------------------------------------------------------------
 def _fingerprint(fd: int, start: int, end: int) -> str | None:
     if end <= start:
@@ -295,6 +341,12 @@ class Shipper:
     :param max_bytes: the unshipped bytes above which a warning is logged (once per episode).
     :param compact_lock: with ``compact_bytes``: a journal this process owns (:class:`Spool`),
         fully shipped and at least that long, is truncated under this lock (its writer's).
+    :param caught_up: the watermark: called with a Unix time ``ts`` after a pass that found the
+        journal fully shipped — every complete line appended before ``ts`` is in the store.
+        Called on the first such pass, then after each pass that shipped something (at most
+        once a second) and at least every ``caught_up_every`` seconds while idle; ``ts`` never
+        goes back (``max(clock(), last ts)``).  It must raise unless the store took it (then
+        it counts as a failed write, and is retried).
     """
 
     def __init__(self, path: str | os.PathLike, state_file: str | os.PathLike,
@@ -302,7 +354,10 @@ class Shipper:
                  name: str = "journal", gate: threading.Event | None = None,
                  max_bytes: int | None = None, poll_interval: float = 0.5,
                  batch: int = BATCH, backoff: tuple[float, float] = (BACKOFF_MIN, BACKOFF_MAX),
-                 compact_lock: Any = None, compact_bytes: int = 1 << 20) -> None:
+                 compact_lock: Any = None, compact_bytes: int = 1 << 20,
+                 caught_up: Callable[[float], Any] | None = None,
+                 caught_up_every: float = WATERMARK_EVERY,
+                 clock: Callable[[], float] = time.time) -> None:
         self.path = os.fspath(path)
         self.state_file = os.fspath(state_file)
         self.name = name
@@ -324,6 +379,12 @@ class Shipper:
         self._thread: threading.Thread | None = None
         self._abandoned = False
         self.shipped_total = 0           # lines shipped by this object (tests, logs)
+        self._caught_up = caught_up
+        self._caught_up_every = caught_up_every
+        self._clock = clock
+        self._mark_ts: float | None = None         # the last watermark written (wall clock)
+        self._mark_at: float | None = None         # … when (monotonic)
+        self._mark_shipped = -1                    # shipped_total when it was written
 
     # -- public ------------------------------------------------------------------------------
     @property
@@ -420,6 +481,8 @@ class Shipper:
             seg = self._next_segment()
             if seg is None:
                 self._maybe_compact()
+                if self._caught_up is not None and not self.pending_records:
+                    return self._watermark()
                 return "idle"
             items, end, n = self._read_batch(seg)
             try:
@@ -437,6 +500,34 @@ class Shipper:
             self.shipped_total += n
         self.health.ok(n)
         return "shipped"
+
+    def _watermark(self) -> str:
+        """Called fully caught up (under the lock): write the watermark when it is due."""
+        mono = time.monotonic()
+        if self._mark_at is not None:
+            since = mono - self._mark_at
+            fresh = self.shipped_total != self._mark_shipped
+            if since < (WATERMARK_MIN_GAP if fresh else self._caught_up_every):
+                return "idle"
+        ts = self._clock()
+        if self._mark_ts is not None:
+            ts = max(ts, self._mark_ts)
+        shipped = self.shipped_total
+        try:
+            self._caught_up(ts)
+        except Exception as exc:  # noqa: BLE001 - retried at the next pass, like a batch
+            if not isinstance(exc, StoreError):
+                log.exception("store: writing the %s watermark failed", self.name)
+            self.health.failed(exc)
+            return "failed"
+        self._mark_ts, self._mark_at, self._mark_shipped = ts, mono, shipped
+        self.health.ok()
+        return "idle"
+
+    @property
+    def watermark(self) -> float | None:
+        """The last watermark written (Unix time), None before the first."""
+        return self._mark_ts
 
     # -- following the journal ---------------------------------------------------------------
     def _open(self, path: str) -> _Segment | None:
