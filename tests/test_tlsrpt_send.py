@@ -23,11 +23,13 @@ import datetime as dt
 import itertools
 import gzip
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -45,6 +47,7 @@ from milterd.outbound.tlsrpt_send import (COUNTERS_FILE, EXIT_STORE_DOWN, LEASE,
                                           StoreUnavailable, TlsRptFileCollector, TlsRptSender,
                                           parse_tlsrpt_record)
 from milterd.store.api import Record, open_store
+from milterd.store.spool import watermark_writer
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -259,8 +262,10 @@ def _store(url: str):
     return s
 
 
-def _sessions(url: str, *records: dict, host: str = "mx1") -> None:
-    """Records as host ``host``'s shipper writes them to the store."""
+def _sessions(url: str, *records: dict, host: str = "mx1", watermark: bool = True) -> None:
+    """Records as host ``host``'s shipper writes them to the store — then, caught up, its
+    watermark (now: past the end of every day the tests report) and roster record, as the
+    shipper does; ``watermark=False``: a host whose shipper has not caught up yet."""
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite://"):]).parent.mkdir(parents=True, exist_ok=True)
     s = _store(url)
@@ -268,6 +273,8 @@ def _sessions(url: str, *records: dict, host: str = "mx1") -> None:
         s.put_records([Record(SESSION_KIND, f"{host}:{r['key']}", r["ts"][:10],
                               r["policy_domain"], host,
                               dict(r, host=host, sending_ip=HOSTS[host])) for r in records])
+        if watermark:
+            watermark_writer(lambda: s, host)(time.time())
     finally:
         s.close()
 
@@ -884,6 +891,92 @@ def test_a_slow_host_that_lost_its_claim_does_not_complete(lab, tmp_path, store_
     assert _report_id(body) == _jobs(store_url, NS_REPORT)[f"{DAY}|{domain}"]["report_id"]
     (job,) = _jobs(store_url).values()
     assert (job["state"], job["host"]) == ("sent", "mx2")
+
+
+# -- waiting for every host: watermarks -------------------------------------------------------
+def _mark(url: str, host: str, at: dt.datetime) -> None:
+    """``host``'s shipper caught up at ``at`` (its watermark and roster record)."""
+    s = open_store(url)
+    try:
+        watermark_writer(lambda: s, host)(at.timestamp())
+    finally:
+        s.close()
+
+
+MIDNIGHT = dt.datetime.combine(DAY + dt.timedelta(days=1), dt.time(), UTC)   # DAY's end
+
+
+@pytest.mark.postfix
+def test_a_day_is_held_until_every_host_has_shipped_past_its_end(lab, tmp_path, store_url):
+    """mx2 has sessions but no watermark, then one before midnight; mx3 (no sessions that day,
+    on the roster) is behind too: the report waits — nothing built, nothing sent — and goes out
+    once, with both hosts' sessions, as soon as every watermark is past the end of the day."""
+    ep = lab["endpoint"]
+    tag = "pg" if store_url.startswith("postgresql") else "lite"
+    domain = f"held-{tag}.test"
+    _publish(lab, domain, f"v=TLSRPTv1; rua={ep.url(domain)}")
+    _sessions(store_url, _rec(domain), _rec(domain), host="mx1")       # caught up (now)
+    _sessions(store_url, _rec(domain, ok=False), host="mx2", watermark=False)
+    _mark(store_url, "mx3", MIDNIGHT - dt.timedelta(hours=12))        # idle, behind
+    cfgs = _two_hosts(lab, tmp_path, store_url)
+    mx1 = parse_config(cfgs["mx1"].read_text())
+
+    out = TlsRptSender(mx1, now=NOW).run()
+    assert [(o.domain, o.result, o.detail) for o in out] == [
+        (domain, "held", "waiting for mx2, mx3")], out
+    assert ep.bodies(domain) == []
+    assert _jobs(store_url, NS_REPORT) == {f"{DAY}|{domain}": {}}    # claimed, nothing built
+    _mark(store_url, "mx2", MIDNIGHT - dt.timedelta(seconds=1))      # not past the end yet
+    _mark(store_url, "mx3", MIDNIGHT)
+    out = TlsRptSender(mx1, now=NOW + dt.timedelta(minutes=30)).run()
+    assert [(o.result, o.detail) for o in out] == [("held", "waiting for mx2")], out
+    assert ep.bodies(domain) == []
+
+    _mark(store_url, "mx2", MIDNIGHT + dt.timedelta(seconds=30))
+    out = TlsRptSender(mx1, now=NOW + dt.timedelta(hours=1)).run()
+    assert [o.result for o in out] == ["sent"], out
+    (body,) = ep.bodies(domain)
+    (pol,) = json.loads(gzip.decompress(body))["policies"]
+    assert pol["summary"] == {"total-successful-session-count": 2,
+                              "total-failure-session-count": 1}
+    assert "missing_hosts" not in _jobs(store_url, NS_REPORT)[f"{DAY}|{domain}"]
+    assert TlsRptSender(mx1, now=NOW + dt.timedelta(hours=2)).run() == []
+
+
+@pytest.mark.postfix
+def test_held_at_most_until_the_limit_then_sent_naming_the_missing_hosts(lab, tmp_path, caplog):
+    """A host that never catches up (gone, or its store link broken) holds the day's report
+    until HOLD_LIMIT after midnight — then it goes out with what the store has, and the log and
+    the report's state name the host missing.  A host seen only before the 7-day window is not
+    waited for."""
+    caplog.set_level(logging.INFO, logger="milterd.tlsrpt")
+    ep = lab["endpoint"]
+    domain = "limit.test"
+    _publish(lab, domain, f"v=TLSRPTv1; rua={ep.url(domain)}")
+    url = f"sqlite://{tmp_path}/shared/milterd.db"
+    _sessions(url, _rec(domain), host="mx1")
+    _sessions(url, _rec(domain, ok=False), host="mx2", watermark=False)
+    _mark(url, "gone-long-ago", NOW - dt.timedelta(days=tlsrpt_send.LOOKBACK_DAYS + 3))
+    cfgs = _two_hosts(lab, tmp_path, url)
+    mx2 = parse_config(cfgs["mx2"].read_text())
+    limit = MIDNIGHT + tlsrpt_send.HOLD_LIMIT
+    for t in (MIDNIGHT + tlsrpt_send.FINISH_GRACE, NOW, limit - dt.timedelta(minutes=1)):
+        out = TlsRptSender(mx2, now=t).run()
+        assert [(o.result, o.detail) for o in out] == [("held", "waiting for mx2")], (t, out)
+    assert ep.bodies(domain) == []
+    assert f"held: waiting for host(s) that have not shipped past the end of the day: mx2 " \
+           f"(no watermark); built once they have, or after {tlsrpt_send._iso(limit)}" \
+        in caplog.text
+    out = TlsRptSender(mx2, now=limit).run()
+    assert [o.result for o in out] == ["sent"], out
+    (body,) = ep.bodies(domain)
+    (pol,) = json.loads(gzip.decompress(body))["policies"]
+    assert pol["summary"] == {"total-successful-session-count": 1,
+                              "total-failure-session-count": 1}
+    assert _jobs(url, NS_REPORT)[f"{DAY}|{domain}"]["missing_hosts"] == ["mx2"]
+    assert "built without waiting longer for host(s) that have not shipped past the end of " \
+           "the day: mx2 (no watermark) (6 h after it)" in caplog.text
+    assert TlsRptSender(mx2, now=limit + dt.timedelta(hours=1)).run() == []
 
 
 # -- configuration and errors -----------------------------------------------------------------

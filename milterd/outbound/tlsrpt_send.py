@@ -52,6 +52,18 @@ as a TLS session of the rua's domain.  The local MTA's reply to DATA names the q
 ``HOST:QUEUEID``), and sessions of that host with those queue IDs are left out of every report,
 whichever host builds it — no report is ever about a report delivery.
 
+Waiting for every host (watermarks): a report built at 00:05 UTC would miss the records still
+waiting in a host's journal (the store was down, its shipper is behind).  Each host's shipper
+writes a *watermark* (cache ns ``"store-watermark"``, key: the host, ``{"ts": …}``: everything it
+recorded before ``ts`` is in the store) and a roster record per day (kind ``"store-host"``; see
+:mod:`milterd.store.spool`).  A day's report is built only when every host on the roster of the
+last :data:`LOOKBACK_DAYS` days, and every host with sessions for that domain that day, has a
+watermark at or past the end of the day; until then the domain is ``held`` (logged, nothing
+saved; the next run looks again).  :data:`HOLD_LIMIT` after the end of the day it is built
+anyway, and the hosts still missing are logged (and kept in the report's job state as
+``missing_hosts``): a host that is gone for good delays reports by that much for a week, never
+stops them.  The timer must therefore run more than once in those hours (e.g. hourly).
+
 Outcomes: one log line per (day, domain, rua) — ``sent`` / ``retry later`` / ``gave up`` /
 ``no record`` — and ``<state_dir>/tlsrpt.prom`` (Prometheus text format, written atomically at the
 end of every run): ``milterd_tlsrpt_reports_total{domain,result}`` counts what *this host* did
@@ -94,6 +106,7 @@ from typing import Any, Callable, Iterable
 
 from milterd.outbound.tlsrpt import build_report
 from milterd.store.api import Record, Store, StoreError, open_store, redact
+from milterd.store.spool import HOST_KIND, WATERMARK_NS
 
 __all__ = ["SendError", "StoreUnavailable", "TlsRptSender", "Outcome", "parse_tlsrpt_record",
            "TlsRptFileCollector", "METRICS_FILE", "COUNTERS_FILE", "LEGACY_STATE_FILE",
@@ -114,6 +127,7 @@ LEASE = 600.0                                    # seconds a claim holds without
 
 LOOKBACK_DAYS = 7                                # finished days considered by a run
 FINISH_GRACE = _dt.timedelta(minutes=5)          # a day is finished this long after midnight UTC
+HOLD_LIMIT = _dt.timedelta(hours=6)              # after midnight: stop waiting for watermarks
 GIVE_UP_AFTER = _dt.timedelta(days=2)            # after the first attempt
 BACKOFF = tuple(_dt.timedelta(minutes=m) for m in (15, 30, 60, 120, 240, 480))
 KEEP_DAYS = LOOKBACK_DAYS + 7                    # submitted queue IDs are looked at this long
@@ -349,6 +363,8 @@ class TlsRptSender:
         self._configured_labels = {d.lower().lstrip(".") for d in labelled if d}
         self._counts: dict[tuple[str, str], int] = {}
         self._pending: int | None = None
+        self._roster: set[str] | None = None          # hosts of the last LOOKBACK_DAYS days
+        self._marks: dict[str, float | None] = {}     # host -> its watermark (this run's view)
 
     def _ts(self) -> float:
         """Unix time for leases: ``now`` advanced by the real time this run has taken."""
@@ -419,14 +435,17 @@ class TlsRptSender:
         return any((host, q) in self._submitted or ("", q) in self._submitted
                    for q in _queue_ids(rec))
 
-    def _sessions(self, day: str, names: list[str]) -> list[dict]:
+    def _sessions(self, day: str, names: list[str]) -> tuple[list[dict], set[str]]:
         """The day's session records of every host for one domain (as stored, possibly under
-        several spellings), ready for build_report; our own report deliveries left out."""
+        several spellings), ready for build_report; our own report deliveries left out; and the
+        hosts that made them."""
         out: list[dict] = []
+        hosts: set[str] = set()
         skipped = 0
         default_ip = self.config.tlsrpt.sending_ip
         for name in names:
             for r in self.store.records(SESSION_KIND, day, domain=name):
+                hosts.add(r.host)
                 rec = dict(r.data)
                 if self._ours(r.host, rec):
                     skipped += 1
@@ -441,7 +460,7 @@ class TlsRptSender:
         if skipped:
             log.info("tlsrpt send: %s %s: %d session(s) left out: deliveries of our own "
                      "reports", day, names[0].lower().rstrip("."), skipped)
-        return out
+        return out, hosts
 
     # -- one day ----------------------------------------------------------------------------
     def _day(self, day: str) -> None:
@@ -548,9 +567,25 @@ class TlsRptSender:
             self._count(domain, "no_record")
             log.info("tlsrpt send: %s %s: no record: %s at %s: no report", day, domain, why, name)
             return {"state": "no_record", "reason": why, "at": _iso(self.now), "host": self.host}
-        recs = self._sessions(day, names)
+        recs, hosts = self._sessions(day, names)
         if not recs:
             return None
+        missing = self._missing_hosts(day, hosts)
+        if missing:
+            end = _dt.datetime.combine(_dt.date.fromisoformat(day) + _dt.timedelta(days=1),
+                                       _dt.time(), UTC)
+            shown = ", ".join(f"{h} ({self._mark_text(h)})" for h in missing)
+            if self.now < end + HOLD_LIMIT:
+                self.outcomes.append(Outcome(day, domain, None, "held",
+                                             "waiting for " + ", ".join(missing)))
+                log.info("tlsrpt send: %s %s: held: waiting for host(s) that have not shipped "
+                         "past the end of the day: %s; built once they have, or after %s",
+                         day, domain, shown, _iso(end + HOLD_LIMIT))
+                return None
+            log.warning("tlsrpt send: %s %s: built without waiting longer for host(s) that have "
+                        "not shipped past the end of the day: %s (%d h after it); records they "
+                        "have not shipped are not in this report", day, domain, shown,
+                        HOLD_LIMIT.total_seconds() // 3600)
         unique = secrets.token_hex(8)
         report_id = f"{day.replace('-', '')}.{unique}.{domain}@{self.submitter}"
         report = build_report(recs, day, self.config.tlsrpt.organization,
@@ -561,9 +596,44 @@ class TlsRptSender:
                     .timestamp())
         filename = f"{self.submitter}!{domain}!{begin}!{begin + 86399}!{unique}.json.gz"
         gz = gzip.compress(json.dumps(report, indent=1).encode("utf-8"), mtime=0)
-        return {"state": "pending", "report_id": report_id, "file": filename, "ruas": ruas,
-                "built": _iso(self.now), "host": self.host, "sessions": len(recs),
-                "gz": base64.b64encode(gz).decode("ascii")}
+        st = {"state": "pending", "report_id": report_id, "file": filename, "ruas": ruas,
+              "built": _iso(self.now), "host": self.host, "sessions": len(recs),
+              "gz": base64.b64encode(gz).decode("ascii")}
+        if missing:
+            st["missing_hosts"] = missing
+        return st
+
+    # -- every host's watermark ---------------------------------------------------------------
+    def _watermark(self, host: str) -> float | None:
+        if host not in self._marks:
+            entry = self.store.cache_get(WATERMARK_NS, host, self._ts())
+            ts = None
+            if entry is not None:
+                try:
+                    ts = float(json.loads(entry.value)["ts"])
+                except (ValueError, TypeError, KeyError):
+                    log.warning("tlsrpt send: the watermark of %s is not readable: %r", host,
+                                entry.value[:80])
+            self._marks[host] = ts
+        return self._marks[host]
+
+    def _mark_text(self, host: str) -> str:
+        ts = self._watermark(host)
+        if ts is None:
+            return "no watermark"
+        return "shipped up to " + _iso(_dt.datetime.fromtimestamp(ts, UTC))
+
+    def _missing_hosts(self, day: str, hosts: set[str]) -> list[str]:
+        """The hosts (roster of the last days, and ``hosts``: those with sessions) whose
+        watermark is not at or past the end of ``day``."""
+        if self._roster is None:
+            today = self.now.date()
+            self._roster = {r.host for r in self.store.records(
+                HOST_KIND, today - _dt.timedelta(days=LOOKBACK_DAYS), today)}
+        end = _dt.datetime.combine(_dt.date.fromisoformat(day) + _dt.timedelta(days=1),
+                                   _dt.time(), UTC).timestamp()
+        return [h for h in sorted(self._roster | hosts)
+                if (self._watermark(h) or 0.0) < end]
 
     @staticmethod
     def _context(day: str, domain: str, st: dict) -> _Ctx:
