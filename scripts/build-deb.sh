@@ -149,12 +149,13 @@ head -1 "$venv/bin/milterd" | grep -Eqx "#!$PREFIX/bin/python3?" ||
 "$venv/bin/python" -m compileall -q -j 0 --invalidation-mode unchecked-hash \
   -s "$stage" -p / "$venv/lib" >/dev/null || die "compileall failed"
 
-# Shared libraries: only glibc's from the system; the wheels bundle the rest (OpenSSL, libffi).
+# Shared libraries: only glibc's and zlib's (psycopg-binary links the system libz; the package
+# depends on zlib1g) from the system; the wheels bundle the rest (OpenSSL, libffi, libpq).
 while IFS= read -r -d '' so; do
   if LC_ALL=C ldd "$so" 2>&1 | grep -q 'not found'; then die "$so: unresolved libraries"; fi
   LC_ALL=C ldd "$so" | awk '$3 ~ /^\// {print $3}' | while read -r lib; do
     case "$lib" in
-      "$venv"/*|*/libc.so.*|*/libm.so.*|*/libpthread.so.*|*/libdl.so.*|*/librt.so.*|*/ld-linux*|*/libgcc_s.so.*) ;;
+      "$venv"/*|*/libc.so.*|*/libm.so.*|*/libpthread.so.*|*/libdl.so.*|*/librt.so.*|*/libresolv.so.*|*/ld-linux*|*/libgcc_s.so.*|*/libz.so.1) ;;
       *) die "$so needs $lib, which the package does not depend on" ;;
     esac
   done
