@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Literal
 
+from milterd.core.files import atomic_write
 from milterd.outbound.maillog_parser import MaillogParser, OutboundResult
 from milterd.outbound.tlsrpt import session_record
 
@@ -166,20 +167,7 @@ class MaillogFollower:
         if self._out is not None:
             st = os.fstat(self._out.fileno())
             data["sessions"] = {"dev": st.st_dev, "inode": st.st_ino, "size": st.st_size}
-        tmp = f"{self.state_file}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, separators=(",", ":"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.state_file)
-        try:
-            dfd = os.open(os.path.dirname(os.path.abspath(self.state_file)), os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass
+        atomic_write(self.state_file, json.dumps(data, separators=(",", ":")).encode())
 
     def _remember(self, key: tuple[str, str, str]) -> None:
         self._recent[key] = None

@@ -147,7 +147,8 @@ def _day(date: str | _dt.date) -> _dt.date:
     return _dt.date.fromisoformat(date)
 
 
-def _session_day(ts: Any) -> _dt.date | None:
+def session_day(ts: Any) -> _dt.date | None:
+    """The UTC day of a record's ``ts`` (ISO 8601, ``Z`` or an offset; naive = UTC), or None."""
     if not isinstance(ts, str):
         return None
     try:
@@ -173,7 +174,7 @@ def build_report(sessions: Iterable[dict], date: str | _dt.date, organization_na
     groups: "OrderedDict[tuple, dict]" = OrderedDict()
     seen_keys: set[str] = set()
     for s in sessions:
-        if not isinstance(s, dict) or _session_day(s.get("ts")) != day:
+        if not isinstance(s, dict) or session_day(s.get("ts")) != day:
             continue
         key = s.get("key")
         if isinstance(key, str) and key:

@@ -14,10 +14,10 @@ import argparse
 import datetime as _dt
 import gzip
 import json
-import os
 import sys
 import uuid
 
+from milterd.core.files import atomic_write
 from milterd.outbound.tlsrpt import build_report, load_sessions
 
 
@@ -149,14 +149,11 @@ def run_tlsrpt(args: argparse.Namespace) -> int:
     if not args.out:
         sys.stdout.write(text)
         return 0
-    tmp = f"{args.out}.tmp"
     try:
         data = text.encode("utf-8")
         if args.out.endswith(".gz"):
             data = gzip.compress(data)
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, args.out)
+        atomic_write(args.out, data, 0o644)
     except OSError as exc:
         print(f"milterd tlsrpt: --out: {exc.strerror}: {args.out}", file=sys.stderr)
         return 2

@@ -95,7 +95,6 @@ import re
 import secrets
 import smtplib
 import ssl
-import tempfile
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -104,6 +103,7 @@ from email.utils import format_datetime, make_msgid, parseaddr
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from milterd.core.files import atomic_write
 from milterd.outbound.tlsrpt import build_report
 from milterd.store.api import Record, Store, StoreError, open_store, redact
 from milterd.store.spool import HOST_KIND, WATERMARK_NS
@@ -270,27 +270,6 @@ def _queue_ids(rec: dict) -> list[str]:
     if isinstance(qs, list):
         out += [x for x in qs if isinstance(x, str) and x]
     return out
-
-
-def atomic_write(path: Path, data: bytes, mode: int = 0o640) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves the old or the new file, never a mix."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def _temporary_http(status: int) -> bool:

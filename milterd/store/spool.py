@@ -102,6 +102,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from milterd.core.files import atomic_write
+from milterd.outbound.tlsrpt import session_day
 from milterd.store.api import Record, Store, StoreError, redact
 
 __all__ = ["StoreMetrics", "StoreHealth", "Shipper", "Spool", "tlsrpt_converter",
@@ -210,15 +212,8 @@ class StoreHealth:
 
 # -- the TLS-RPT conversion -----------------------------------------------------------------------
 def _utc_day(ts: Any) -> str | None:
-    if not isinstance(ts, str):
-        return None
-    try:
-        t = _dt.datetime.fromisoformat(ts.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=_dt.timezone.utc)
-    return t.astimezone(_dt.timezone.utc).date().isoformat()
+    day = session_day(ts)
+    return day.isoformat() if day is not None else None
 
 
 def tlsrpt_converter(host: str, sending_ip: str | None) -> Callable[[dict], Record | None]:
@@ -761,20 +756,7 @@ class Shipper:
         data: dict[str, Any] = {"version": STATE_VERSION, "journal": self.path, "segments": segs}
         if compact:
             data["compact"] = True
-        tmp = f"{self.state_file}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, separators=(",", ":"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.state_file)
-        try:
-            dfd = os.open(os.path.dirname(os.path.abspath(self.state_file)), os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass
+        atomic_write(self.state_file, json.dumps(data, separators=(",", ":")).encode())
 
 
 # -- the in-process producer ----------------------------------------------------------------------
