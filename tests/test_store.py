@@ -37,14 +37,10 @@ _db_names = itertools.count()
 
 @pytest.fixture(scope="session")
 def pg_lab():
-    lab = PostgresLab()
-    try:
-        lab.start()
-    except BaseException:
-        lab.cleanup()
-        raise
-    yield lab
-    lab.cleanup()
+    from milterd.lab.postgres import running_postgres
+
+    with running_postgres() as lab:
+        yield lab
 
 
 class Engine:

@@ -17,7 +17,6 @@ import pytest
 from dns_server import DnsServer
 from milterd.lab.net import free_port
 from milterd.lab.pki import TestPKI
-from milterd.lab.postgres import PostgresLab
 from milterd.lab.wait import wait_until
 from milterd.outbound.dns import DnsClient
 from milterd.outbound.mtasts import MtaStsClient, SharedStsCache
@@ -33,14 +32,10 @@ TESTING = ENFORCE.replace(b"enforce", b"testing")
 
 @pytest.fixture(scope="module")
 def pg():
-    lab = PostgresLab()
-    try:
-        lab.start()
-    except BaseException:
-        lab.cleanup()
-        raise
-    yield lab
-    lab.cleanup()
+    from milterd.lab.postgres import running_postgres
+
+    with running_postgres() as lab:
+        yield lab
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -19,7 +19,6 @@ import pytest
 from milterd.core.config import parse_config
 from milterd.lab.metrics import parse, scrape
 from milterd.lab.net import free_port
-from milterd.lab.postgres import PostgresLab
 from milterd.lab.wait import wait_until
 from milterd.store.api import Record, open_store
 from milterd.store.service import TLSRPT_SHIPPER_STATE, current_store, start_store_services
@@ -449,14 +448,10 @@ def test_service_writes_the_watermark_after_shipping(tmp_path, sqlite_url):
 # -- the service, on a real PostgreSQL -------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pg():
-    lab = PostgresLab()
-    try:
-        lab.start()
-    except BaseException:
-        lab.cleanup()
-        raise
-    yield lab
-    lab.cleanup()
+    from milterd.lab.postgres import running_postgres
+
+    with running_postgres() as lab:
+        yield lab
 
 
 def fake_app(config):

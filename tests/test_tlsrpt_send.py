@@ -175,16 +175,10 @@ def _publish(lab, domain: str, *records: str) -> None:
 
 @pytest.fixture(scope="module")
 def pg_lab():
-    from milterd.lab.postgres import PostgresLab
+    from milterd.lab.postgres import running_postgres
 
-    lab = PostgresLab()
-    try:
-        lab.start()
-    except BaseException:
-        lab.cleanup()
-        raise
-    yield lab
-    lab.cleanup()
+    with running_postgres() as lab:
+        yield lab
 
 
 _db_names = itertools.count()

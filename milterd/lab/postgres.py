@@ -29,6 +29,7 @@ waits for that PID to go.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import secrets
@@ -38,6 +39,7 @@ import socket
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 from milterd.lab.net import free_port
 from milterd.lab.wait import wait_until
@@ -315,3 +317,15 @@ class PostgresLab:
 
 
 __all__ = ["PostgresLab", "find_bindir", "ROLE", "DATABASE", "SUPERUSER"]
+
+
+@contextlib.contextmanager
+def running_postgres(root: str | os.PathLike | None = None) -> Iterator[PostgresLab]:
+    """A started :class:`PostgresLab`, cleaned up (stopped, its directory removed) on exit —
+    also when it fails to start: a store test that cannot provision its server fails."""
+    lab = PostgresLab(root)
+    try:
+        lab.start()
+        yield lab
+    finally:
+        lab.cleanup()
