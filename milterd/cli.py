@@ -64,15 +64,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return run(args.config, log_format=args.log_format)
 
 
-def _cmd_check_config(args: argparse.Namespace) -> int:
-    from milterd.core.app import App, build_dispatcher
+def _load(path: str | None):
+    """The config at ``path``, or None after printing every error (the caller exits 2)."""
     from milterd.core.config import ConfigError, load_config
 
     try:
-        config = load_config(args.config)
+        return load_config(path)
     except ConfigError as exc:
         for e in exc.errors:
             print(e, file=sys.stderr)
+        return None
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    from milterd.core.app import App, build_dispatcher
+
+    config = _load(args.config)
+    if config is None:
         return 2
     try:
         build_dispatcher(App(config), config)
@@ -88,16 +96,12 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_partners(args: argparse.Namespace) -> int:
-    from milterd.core.config import ConfigError, load_config
-    from milterd.core.partners import render_partners
+    from milterd.core.partners import (load_history, render_partners, render_partners_seen,
+                                       render_pins)
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        for e in exc.errors:
-            print(e, file=sys.stderr)
+    config = _load(args.config)
+    if config is None:
         return 2
-    from milterd.core.partners import load_history, render_partners_seen, render_pins
 
     what = list(args.what or [])
     if what and (what[0] != "pin" or len(what) != 2):
