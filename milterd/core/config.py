@@ -622,11 +622,17 @@ class _Validator:
 
         table = self.get(key, dict, {})
         out = []
+        seen: dict[str, str] = {}
         for domain, fps in table.items():
             name = normalize_dns_name(domain)
             if name is None:
                 self.errors.append(f"{key}.{domain}: not a domain name")
                 continue
+            if name in seen:
+                self.errors.append(f'{key}."{domain}": names the same domain as '
+                                   f'{key}."{seen[name]}" (configure each domain once)')
+                continue
+            seen[name] = domain
             if isinstance(fps, str):
                 fps = [fps]
             if not isinstance(fps, list):

@@ -126,7 +126,13 @@ def _sendmail(version: str, cipher: str | None, bits: int | None, verify_raw: st
     if md5:
         other = md5
     if verify is CertVerify.NONE:
+        # The MTA says no certificate was presented: whatever else it says about one is
+        # contradictory and believed nowhere (no name, no fingerprint a pin could match).
+        if fp256 or key256:
+            warnings.append(f"{{verify}}={verify_raw[:20]!r} but a certificate fingerprint was "
+                            "given: ignored")
         cn = subject_dn = None
+        fp256 = key256 = None
     return TlsFacts(version=version, cipher=cipher, bits=bits, verify=verify, subject_cn=cn,
                     subject_dn=subject_dn, issuer=issuer_dn, fingerprint_sha256=fp256,
                     pubkey_sha256=key256, fingerprint_other=other, dialect="sendmail"), warnings
