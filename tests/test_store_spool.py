@@ -475,8 +475,8 @@ def test_service_postgres_stopped_under_traffic(tmp_path, pg, caplog):
     reg = app.metrics.registry
     try:
         wait_until(lambda: current_store(app) is not None, what="migrated")
-        wait_until(lambda: samples(reg)["milterd_store_spooled_records"] == 0, what="shipped")
-        assert samples(reg)["milterd_store_up"] == 1
+        wait_until(lambda: (samples(reg)["milterd_store_spooled_records"],
+                            samples(reg)["milterd_store_up"]) == (0, 1), what="shipped, up")
         pg.stop()
         append(journal, [session(i, day="2026-03-02") for i in range(100, 400)])
         # a failed write (the records' batch, or the watermark written once caught up)
@@ -493,9 +493,9 @@ def test_service_postgres_stopped_under_traffic(tmp_path, pg, caplog):
         wait_until(lambda: samples(reg)["milterd_store_spooled_records"] == 350,
                    what="the spool to grow")
         pg.start()
-        wait_until(lambda: samples(reg)["milterd_store_spooled_records"] == 0, timeout=90,
-                   what="catching up after PostgreSQL is back")
-        assert samples(reg)["milterd_store_up"] == 1
+        wait_until(lambda: (samples(reg)["milterd_store_spooled_records"],
+                            samples(reg)["milterd_store_up"]) == (0, 1), timeout=90,
+                   what="catching up after PostgreSQL is back, and up")
     finally:
         service.stop()
     recs = stored(pg.url)
