@@ -7,8 +7,11 @@ reason (from the reply text when refused, from the trace header when delivered).
 
 from __future__ import annotations
 
+import email
+import email.policy
 import ssl
 from dataclasses import dataclass
+from pathlib import Path
 
 from milterd.lab.smtp import client_context
 from milterd.lab.wait import wait_until
@@ -111,3 +114,33 @@ def delivered_with_subject(mta, subject: str, timeout: float = 15):
         return wait_until(find, timeout, f"delivery of {subject!r}")
     except AssertionError:
         return None
+
+
+class ReferenceMtaLab:
+    """The reference MTA as contoso.test's MX in front of a milterd (``milter_spec``), with the
+    partners' server certificate; ``delivered()`` reads the mailbox of ``rcpt``."""
+
+    kind = "reference-mta"
+
+    def __init__(self, partners, milter_spec: str, base: Path, rcpt: str = "user@contoso.test"):
+        from milterd.mta.__main__ import MtaThread
+        from milterd.mta.config import MtaConfig
+
+        self.root = base / "maildir"
+        self.rcpt = rcpt
+        cfg = MtaConfig(hostname="mx.contoso.test", maildir_root=self.root,
+                        queue_dir=base / "queue", local_domains=("contoso.test",),
+                        tls_cert=partners.server.cert_path, tls_key=partners.server.key_path,
+                        ca_files=(partners.pki.ca_path,), milter=milter_spec)
+        self.thread = MtaThread(cfg).start()
+        self.port = self.thread.port
+
+    def delivered(self):
+        local, _, domain = self.rcpt.partition("@")
+        new = self.root / domain / local / "new"
+        files = sorted(new.iterdir()) if new.is_dir() else []
+        return [email.message_from_bytes(p.read_bytes(), policy=email.policy.default)
+                for p in files]
+
+    def stop(self):
+        self.thread.stop()

@@ -3,8 +3,6 @@ reference pure-Python MTA (both speak Sendmail's macro dialect: {verify}, DNs, {
 
 from __future__ import annotations
 
-import email
-import email.policy
 from pathlib import Path
 
 import pytest
@@ -12,7 +10,8 @@ import pytest
 from milterd.lab.smtp import make_message, send
 
 from support import MilterdFactory, make_lab_dir
-from ds_table import ROWS, check_row, client_tls, delivered_with_subject, ds_config
+from ds_table import (ROWS, ReferenceMtaLab, check_row, client_tls, delivered_with_subject,
+                      ds_config)
 
 RCPT = "user@contoso.test"
 
@@ -37,31 +36,9 @@ class _Sendmail:
         self.lab.stop()
 
 
-class _ReferenceMta:
-    def __init__(self, partners, milter_spec: str, base: Path):
-        from milterd.mta.__main__ import MtaThread
-        from milterd.mta.config import MtaConfig
-
-        self.root = base / "maildir"
-        cfg = MtaConfig(hostname="mx.contoso.test", maildir_root=self.root,
-                        queue_dir=base / "queue", local_domains=("contoso.test",),
-                        tls_cert=partners.server.cert_path, tls_key=partners.server.key_path,
-                        ca_files=(partners.pki.ca_path,), milter=milter_spec)
-        self.thread = MtaThread(cfg).start()
-        self.port = self.thread.port
-
-    def delivered(self):
-        local, _, domain = RCPT.partition("@")
-        new = self.root / domain / local / "new"
-        files = sorted(new.iterdir()) if new.is_dir() else []
-        return [email.message_from_bytes(p.read_bytes(), policy=email.policy.default)
-                for p in files]
-
-    def stop(self):
-        self.thread.stop()
 
 
-MTAS = {"sendmail": _Sendmail, "reference-mta": _ReferenceMta}
+MTAS = {"sendmail": _Sendmail, "reference-mta": ReferenceMtaLab}
 
 
 @pytest.fixture(scope="module", params=list(MTAS))

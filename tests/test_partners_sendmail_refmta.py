@@ -27,8 +27,6 @@ cannot tell milterd is never silently accepted (the limitation is documented by
 
 from __future__ import annotations
 
-import email
-import email.policy
 import ssl
 import uuid
 from pathlib import Path
@@ -40,7 +38,7 @@ from milterd.lab.pki import Issued
 from milterd.lab.smtp import SendResult, client_context, make_message, send
 from milterd.policy.stamp import parse_stamp
 
-from ds_table import delivered_with_subject, reason_from_reply
+from ds_table import ReferenceMtaLab, delivered_with_subject, reason_from_reply
 from support import MilterdFactory, make_lab_dir
 
 RCPT = "user@contoso.test"
@@ -137,30 +135,6 @@ def milterd(lab_base, certs):
     factory.close()  # stops it, removes the lab directory, fails on tracebacks in its log
 
 
-class _ReferenceMta:
-    kind = "reference-mta"
-
-    def __init__(self, partners, milter_spec: str, base: Path):
-        from milterd.mta.__main__ import MtaThread
-        from milterd.mta.config import MtaConfig
-
-        self.root = base / "maildir"
-        cfg = MtaConfig(hostname="mx.contoso.test", maildir_root=self.root,
-                        queue_dir=base / "queue", local_domains=("contoso.test",),
-                        tls_cert=partners.server.cert_path, tls_key=partners.server.key_path,
-                        ca_files=(partners.pki.ca_path,), milter=milter_spec)
-        self.thread = MtaThread(cfg).start()
-        self.port = self.thread.port
-
-    def delivered(self):
-        local, _, domain = RCPT.partition("@")
-        new = self.root / domain / local / "new"
-        files = sorted(new.iterdir()) if new.is_dir() else []
-        return [email.message_from_bytes(p.read_bytes(), policy=email.policy.default)
-                for p in files]
-
-    def stop(self):
-        self.thread.stop()
 
 
 class _Sendmail:
@@ -187,7 +161,7 @@ class _Sendmail:
 
 @pytest.fixture(scope="module")
 def refmta(partners, milterd, lab_base):
-    mta = _ReferenceMta(partners, milterd.socket_spec, lab_base.path / "refmta")
+    mta = ReferenceMtaLab(partners, milterd.socket_spec, lab_base.path / "refmta")
     yield mta
     mta.stop()
 
