@@ -27,7 +27,6 @@ import datetime as dt
 import gzip
 import json
 import signal
-import socket
 import subprocess
 import sys
 
@@ -35,7 +34,7 @@ import pytest
 
 from dns_server import DnsServer
 from milterd.lab.metrics import scrape
-from milterd.lab.net import free_port, wait_for_port
+from milterd.lab.net import free_port, port_free, wait_for_port
 from milterd.lab.postfix import PostfixLab, PostfixTLS
 from milterd.lab.postgres import PostgresLab
 from milterd.lab.smtp import make_message, send
@@ -76,19 +75,10 @@ sys.exit(main(["tlsrpt", "send", *sys.argv[2:]]))
 """
 
 
-def _port25_free(addr: str) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind((addr, 25))
-            return True
-        except OSError:
-            return False
-
-
 @pytest.fixture(scope="module")
 def fleet(partners):
     pki = partners.pki
-    assert all(_port25_free(a) for a in (GOOD_RX, WRONG_RX)), "receiver addresses busy"
+    assert all(port_free(a, 25) for a in (GOOD_RX, WRONG_RX)), "receiver addresses busy"
     started: list = []
     pg = PostgresLab()
     started.append(pg)

@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from milterd.lab.net import free_port
+from milterd.lab.net import free_port, port_free
 from milterd.lab.metrics import scrape
 from milterd.lab.postfix import PostfixLab, PostfixTLS
 from milterd.lab.smtp import make_message, send
@@ -29,19 +29,10 @@ RECEIVERS = {
 SEND_LIST = [d for d in RECEIVERS if d != "opportunistic.test"]
 
 
-def _port_free(addr: str) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind((addr, 25))
-            return True
-        except OSError:
-            return False
-
-
 @pytest.fixture(scope="module")
 def outbound(partners):
     pki = partners.pki
-    assert all(_port_free(a) for a, _ in RECEIVERS.values()), "receiver addresses busy"
+    assert all(port_free(a, 25) for a, _ in RECEIVERS.values()), "receiver addresses busy"
     receivers = []
     for domain, (addr, kind) in RECEIVERS.items():
         tls = None

@@ -16,6 +16,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def port_free(host: str, port: int) -> bool:
+    """Could a listener bind ``host:port`` now (nothing else holds it)?"""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
 def port_accepts(host: str, port: int) -> bool:
     """True if a TCP connection to ``host``:``port`` succeeds now."""
     try:
